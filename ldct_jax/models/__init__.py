@@ -1,0 +1,1 @@
+"""Flax Linen models, all built on the shared conv layers in ``layers``."""

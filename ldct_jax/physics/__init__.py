@@ -1,0 +1,1 @@
+"""Pure jnp physics: CT projection, reconstruction and dose simulation; MRI sampling."""
