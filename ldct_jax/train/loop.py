@@ -1,0 +1,255 @@
+"""The one training loop shared by every method.
+
+A method contributes ``Stage`` objects: a state initialiser, a pure jit-able
+``train_step(state, batch, rng) -> (state, metrics)``, a factory for its data
+iterator and, optionally, a validation function. The loop owns everything
+else: the device mesh and sharding, jit with buffer donation, per-step RNG,
+logging, checkpoints, resume, NaN detection and preemption.
+
+Data parallelism is jit + ``NamedSharding`` over a one-axis ``('data',)`` mesh
+spanning every device of every host: batches are sharded along their leading
+axis, the state is replicated, and XLA inserts the gradient all-reduce. This
+is what ``pmap`` used to provide (``pmap`` is itself now built on jit and
+shard_map); the same code runs on 1 CPU, 8 GPUs or a TPU pod.
+
+Multi-stage methods (TDDL: noise model -> synthesis -> denoiser) list several
+stages. Each stage checkpoints under ``<workdir>/checkpoints/<stage>/`` and is
+marked complete when done, so a killed run resumes inside the stage it was in.
+Later stages see the final states of earlier ones through ``previous``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ldct_jax.data.pipeline import make_mesh, to_global_batch
+from ldct_jax.train.checkpoint import StageCheckpoints
+from ldct_jax.train.logging import MetricWriter, ProgressBar
+
+State = Any
+Previous = Mapping[str, State]
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when training produces NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Stage:
+  """One trainable stage of a method.
+
+  Attributes:
+    name: directory-safe stage name (checkpoints/<name>).
+    num_steps: optimisation steps in this stage.
+    init_state: ``(rng, previous) -> state`` pytree; must be traceable by
+      ``jax.eval_shape`` (restores use its abstract shapes).
+    train_step: pure ``(state, batch, rng) -> (state, metrics)``; metrics are
+      scalars averaged over the global batch.
+    make_data: ``previous -> iterator`` of host-local NumPy batches, with
+      JSON-serialisable ``get_state()``/``set_state()`` for exact resume.
+    evaluate: optional host-side ``(state) -> {name: float}`` validation.
+    best_metric / best_mode: which validation scalar ranks checkpoints.
+  """
+
+  name: str
+  num_steps: int
+  init_state: Callable[[jax.Array, Previous], State]
+  train_step: Callable[[State, Any, jax.Array], tuple]
+  make_data: Callable[[Previous], Iterator]
+  evaluate: Optional[Callable[[State], Dict[str, float]]] = None
+  best_metric: Optional[str] = None
+  best_mode: str = "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  log_every: int = 50
+  eval_every: int = 500
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  # Stop (with a checkpoint) once this global step is reached, as a scheduler
+  # preemption would; 0 = never. Used to test and to time-slice long runs.
+  stop_at: int = 0
+  tensorboard: bool = True
+
+  @classmethod
+  def from_config(cls, cfg) -> "LoopConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
+
+
+def _is_complete(stage_dir: str) -> bool:
+  return os.path.exists(os.path.join(stage_dir, "COMPLETED"))
+
+
+def _mark_complete(stage_dir: str, step: int) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(stage_dir, "COMPLETED"), "w") as f:
+      json.dump({"step": step}, f)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def abstract_state(stage: Stage, rng: jax.Array, previous: Previous, mesh: Mesh):
+  """Shape/dtype/sharding skeleton of a stage's state, for orbax restores."""
+  shapes = jax.eval_shape(stage.init_state, rng, previous)
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def restore_stage_state(workdir: str, stage: Stage, *, which: str = "best",
+                        previous: Previous = None, mesh: Optional[Mesh] = None,
+                        seed: int = 0) -> tuple:
+  """Loads a stage's trained state (``which`` = 'best' or 'latest') for eval/denoise.
+
+  Returns ``(state, step)``. 'best' falls back to 'latest' when no validation
+  ran (or its checkpoint was not kept).
+  """
+  mesh = mesh or make_mesh()
+  ckpt = StageCheckpoints(os.path.join(workdir, "checkpoints", stage.name))
+  step = None
+  if which == "best":
+    best = ckpt.best()
+    if best is not None and best["step"] in ckpt.all_steps():
+      step = best["step"]
+  elif which != "latest":
+    raise ValueError(f"checkpoint selection must be 'best' or 'latest', got {which!r}")
+  rng = jax.random.PRNGKey(seed)
+  state, _, step = ckpt.restore(abstract_state(stage, rng, previous or {}, mesh), step)
+  ckpt.close()
+  return state, step
+
+
+class _Preemption:
+  """Turns SIGTERM (cluster preemption) into a clean checkpoint-and-exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not in the main thread (e.g. some notebooks)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def run_stages(stages, workdir: str, *, seed: int, loop_cfg: LoopConfig,
+               mesh: Optional[Mesh] = None) -> Dict[str, State]:
+  """Trains ``stages`` in order, resuming from ``workdir``; returns final states.
+
+  Returns early (without error) if ``loop_cfg.stop_at`` or SIGTERM stopped
+  the run; a later call with the same arguments continues it.
+  """
+  mesh = mesh or make_mesh()
+  writer = MetricWriter(os.path.join(workdir, "logs"), tensorboard=loop_cfg.tensorboard)
+  finals: Dict[str, State] = {}
+  global_offset = 0
+  try:
+    with _Preemption() as preemption:
+      for index, stage in enumerate(stages):
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        state, finished = _run_stage(stage, workdir, rng, finals, mesh, writer,
+                                     loop_cfg, preemption, global_offset)
+        if not finished:
+          logging.info("run stopped in stage %r; rerun the same command to resume", stage.name)
+          return finals
+        finals[stage.name] = state
+        global_offset += stage.num_steps
+  finally:
+    writer.close()
+  return finals
+
+
+def _run_stage(stage: Stage, workdir: str, rng: jax.Array, previous: Previous,
+               mesh: Mesh, writer: MetricWriter, cfg: LoopConfig,
+               preemption: _Preemption, global_offset: int):
+  stage_dir = os.path.join(workdir, "checkpoints", stage.name)
+  ckpt = StageCheckpoints(stage_dir, keep=cfg.keep_checkpoints,
+                          best_metric=stage.best_metric, best_mode=stage.best_mode)
+  repl = replicated(mesh)
+  try:
+    init_rng, step_rng = jax.random.split(rng)
+    data = None
+    if ckpt.latest_step() is not None:
+      state, data_state, step = ckpt.restore(abstract_state(stage, init_rng, previous, mesh))
+      logging.info("stage %r: resumed from step %d (%s)", stage.name, step, stage_dir)
+      if _is_complete(stage_dir) or step >= stage.num_steps:
+        return state, True
+      data = stage.make_data(previous)
+      data.set_state(data_state)
+    else:
+      state = jax.jit(stage.init_state, out_shardings=repl)(init_rng, previous)
+      step = 0
+      data = stage.make_data(previous)
+
+    train_step = jax.jit(stage.train_step, donate_argnums=(0,), out_shardings=(repl, repl))
+    last_good = ckpt.latest_step()
+    bar = ProgressBar(stage.num_steps, step, desc=stage.name)
+    val_metrics: Dict[str, float] = {}
+    try:
+      while step < stage.num_steps:
+        batch = to_global_batch(next(data), mesh)
+        state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
+        step += 1
+        stopping = preemption.requested or (cfg.stop_at and global_offset + step >= cfg.stop_at)
+        last = step == stage.num_steps
+        if step % cfg.log_every == 0 or last or stopping:
+          scalars = jax.device_get(metrics)
+          if not all(np.isfinite(v) for v in jax.tree.leaves(scalars)):
+            raise NonFiniteLossError(
+                f"stage {stage.name!r}: non-finite training metrics at step {step}: "
+                f"{ {k: float(v) for k, v in scalars.items()} }. The last good checkpoint "
+                f"(step {last_good}) is kept in {stage_dir}; lower the learning rate or "
+                "enable optim.grad_clip, then rerun to resume from it.")
+          writer.write(global_offset + step, scalars, stage=stage.name)
+          bar.update_to(step, scalars)
+        val_metrics = {}
+        if stage.evaluate is not None and (step % cfg.eval_every == 0 or last):
+          val_metrics = stage.evaluate(state)
+          writer.write(global_offset + step, val_metrics, stage=stage.name)
+        if step % cfg.checkpoint_every == 0 or last or stopping or val_metrics:
+          if not bool(_all_finite(state)):
+            raise NonFiniteLossError(
+                f"stage {stage.name!r}: state has non-finite values at step {step}; not "
+                f"saved. The last good checkpoint (step {last_good}) is kept in {stage_dir}.")
+          ckpt.save(step, state, data.get_state(), metrics=val_metrics)
+          last_good = step
+        if stopping and not last:
+          ckpt.wait()
+          return state, False
+    finally:
+      bar.close()
+    ckpt.wait()
+    _mark_complete(stage_dir, step)
+    return state, True
+  finally:
+    ckpt.close()
