@@ -343,7 +343,8 @@ def test_template_write_copies_geometry_and_patient_with_new_uids(tmp_path):
   source = tmp_path / "source"
   source.mkdir()
   for i, z in enumerate([40.0, 37.5, 35.0]):  # written in descending z
-    _hand_slice(source / f"s{i}.IMA", np.full((6, 8), 10 * i), position=(-100.0, -90.0, z), instance=i + 1,
+    _hand_slice(source / f"s{i}.IMA", np.full((6, 8), 10 * i),
+                position=(-100.0, -90.0, z), instance=i + 1,
                 PatientName="Doe^Jane", StudyInstanceUID="1.2.840.99",
                 FrameOfReferenceUID="1.2.840.98", KVP=100, SliceLocation=z)
   template = dicom.read_series(source)

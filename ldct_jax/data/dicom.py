@@ -46,7 +46,6 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.datadict import tag_for_keyword
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import (CTImageStorage, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian,
@@ -263,7 +262,9 @@ def _dcmread(path: pathlib.Path, **kwargs) -> Dataset:
       # detected while parsing.
       ds.file_meta.TransferSyntaxUID = _TRANSFER_SYNTAX_OF_ENCODING[
           ds.original_encoding]
-  except (InvalidDicomError, OSError, ValueError, KeyError, EOFError) as e:
+  # Any parse failure (pydicom raises many types on corrupt bytes) becomes a
+  # ValueError that names the file.
+  except Exception as e:
     if has_preamble:
       raise ValueError(f"{path}: unreadable DICOM file: {e}") from e
     is_image = False
@@ -281,7 +282,8 @@ def _is_ct(ds: Dataset) -> bool:
 def _read_slice(path: pathlib.Path, map_padding: bool) -> _Slice:
   ds = _dcmread(path)
   if "PixelData" not in ds:
-    raise ValueError(f"{path}: DICOM file without pixel data (not an image)")
+    raise ValueError(f"{path}: DICOM file without pixel data (not an image, or "
+                     "truncated before its pixels)")
   if int(ds.get("NumberOfFrames", 1) or 1) != 1:
     raise ValueError(f"{path}: multi-frame images are not supported")
   transfer_syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
