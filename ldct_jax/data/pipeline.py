@@ -333,13 +333,14 @@ def _check_slab(slab: int) -> None:
 
 
 class _PatchSampler:
-  """Draws one training sample from an index-specific generator.
+  """Draws one training sample (HU, not yet normalised) from its generator.
 
   Pure given ``rng``: the same generator state yields the same sample, which is
-  what makes the stream reproducible and resumable.
+  what makes the stream reproducible and resumable. Normalisation happens once
+  per stacked batch (one vectorised op instead of one per patch).
   """
 
-  def __init__(self, volumes, keys, patch_size, slab, normalization, augment,
+  def __init__(self, volumes, keys, patch_size, slab, augment,
                skip_air_fraction, air_threshold_hu, max_air_retries):
     self._arrays = [[volume.arrays[key] for key in keys] for volume in volumes]
     self._shapes = [volume.shape for volume in volumes]
@@ -348,7 +349,6 @@ class _PatchSampler:
     self._keys = tuple(keys)
     self._patch = patch_size
     self._slab = slab
-    self._normalization = normalization
     self._augment = augment
     self._skip_air_fraction = skip_air_fraction
     self._air_threshold_hu = air_threshold_hu
@@ -357,7 +357,7 @@ class _PatchSampler:
   def _draw_location(self, rng: np.random.Generator) -> tuple:
     flat = int(rng.integers(self._starts[-1]))
     volume = int(np.searchsorted(self._starts, flat, side="right")) - 1
-    depth, height, width = self._shapes[volume]
+    _, height, width = self._shapes[volume]
     z = flat - int(self._starts[volume])
     y = int(rng.integers(height - self._patch + 1))
     x = int(rng.integers(width - self._patch + 1))
@@ -368,7 +368,8 @@ class _PatchSampler:
     # gets the same location whatever its noise level.
     p = self._patch
     centre = self._arrays[volume][0][z, y:y + p, x:x + p]
-    return np.mean(centre < self._air_threshold_hu) > self._skip_air_fraction
+    num_air = np.count_nonzero(centre < self._air_threshold_hu)
+    return num_air > self._skip_air_fraction * p * p
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict:
     del index  # The element's identity is carried by rng (seeded by index).
@@ -392,10 +393,7 @@ class _PatchSampler:
         patch = np.rot90(patch, quarter_turns, axes=(1, 2))
         if flip:
           patch = patch[:, :, ::-1]
-      patch = self._normalization.normalize(patch)[..., None]
-      if self._slab == 1:
-        patch = patch[0]
-      sample[key] = np.ascontiguousarray(patch, dtype=np.float32)
+      sample[key] = patch[0] if self._slab == 1 else patch
     return sample
 
 
@@ -541,17 +539,18 @@ def make_patch_dataset(
                      f"got {skip_air_fraction}")
 
   local_batch_size = batch_size // process_count
-  sampler = _PatchSampler(volumes, keys, patch_size, slab, normalization,
-                          augment, skip_air_fraction, air_threshold_hu,
-                          max_air_retries)
+  sampler = _PatchSampler(volumes, keys, patch_size, slab, augment,
+                          skip_air_fraction, air_threshold_hu, max_air_retries)
 
-  def stack(samples):
-    return {key: np.stack([sample[key] for sample in samples]) for key in keys}
+  def stack_and_normalize(samples):
+    return {key: normalization.normalize(
+                np.stack([sample[key] for sample in samples]))[..., None]
+            for key in keys}
 
   # Global sample index -> sample; chunks of B_local consecutive samples;
   # this host keeps chunks h, h + H, h + 2H, ... (see module docstring).
   samples = grain.MapDataset.range(sys.maxsize).random_map(sampler, seed=seed)
-  local_batches = samples.batch(local_batch_size, batch_fn=stack)[
+  local_batches = samples.batch(local_batch_size, batch_fn=stack_and_normalize)[
       process_index::process_count]
   read_options = grain.ReadOptions(num_threads=num_threads,
                                    prefetch_buffer_size=prefetch)
@@ -563,7 +562,8 @@ def make_patch_dataset(
       "slab": int(slab),
       "normalization": normalization.to_config(),
       "augment": bool(augment),
-      "skip_air_fraction": skip_air_fraction,
+      "skip_air_fraction": (None if skip_air_fraction is None
+                            else float(skip_air_fraction)),
       "air_threshold_hu": float(air_threshold_hu),
       "max_air_retries": int(max_air_retries),
       "volumes_sha256": _volumes_digest(volumes),
