@@ -225,6 +225,8 @@ def test_slices_are_sampled_uniformly_over_volumes():
 def test_stream_is_deterministic_for_a_seed_and_independent_of_threads(
     paired_volumes):
   reference = _take(_stream(paired_volumes, seed=5), 3)
+  _assert_batches_equal(reference[1:2],
+                        [_stream(paired_volumes, seed=5).batch_at(1)])
   _assert_batches_equal(reference, _take(_stream(paired_volumes, seed=5,
                                                  num_threads=2), 3))
   _assert_batches_equal(reference, _take(_stream(paired_volumes, seed=5,
