@@ -557,10 +557,14 @@ class _Anatomy:
       function of y (mm) for the lung's gravity-dependent density.
     deep_region: Optional solid that lesion spheres must lie inside (the head
       keeps lesions away from the cortex, whose folds are not registered).
+    midline_gap: Optional (x_mm, half_width_mm) of a thin sagittal sheet that
+      lesion spheres must not touch (the interhemispheric fissure: too thin
+      for the probe points to be sure to hit it).
   """
 
   tissue_hu: dict
   deep_region: Optional[object] = None
+  midline_gap: Optional[tuple] = None
 
   def hu_of(self, tissue: str, y_mm: float) -> float:
     value = self.tissue_hu[tissue]
@@ -893,7 +897,7 @@ def _inset(ellipsoid: _Superellipsoid, mm: float) -> _Superellipsoid:
 
 def _build_head(canvas: _Canvas, rng, seed: int) -> _Anatomy:
   hu = {'skin': _uniform(rng, 30, 45), 'fat': _uniform(rng, -90, -60),
-        'cortical_bone': _uniform(rng, 1400, 1700), 'cancellous_bone': _uniform(rng, 600, 900),
+        'cortical_bone': _uniform(rng, 1400, 1700), 'cancellous_bone': _uniform(rng, 800, 1100),
         'csf': _uniform(rng, 2, 10), 'gray_matter': _uniform(rng, 36, 44),
         'white_matter': _uniform(rng, 22, 28)}
   center_y = _uniform(rng, -5, 5)
@@ -902,7 +906,7 @@ def _build_head(canvas: _Canvas, rng, seed: int) -> _Anatomy:
                          _rotation(_uniform(rng, -0.06, 0.06)))
   scalp_mm = _uniform(rng, 4, 7)
   skull_mm = _uniform(rng, 5.5, 8.5)
-  table_mm = 1.8
+  table_mm = 2.0
   csf_mm = _uniform(rng, 1.5, 3.5)  # wider with atrophy
   canvas.paint(head, hu['skin'], 'skin')
   canvas.paint(_inset(head, 1.5), hu['fat'], 'fat')
@@ -926,7 +930,7 @@ def _build_head(canvas: _Canvas, rng, seed: int) -> _Anatomy:
   fissure = _Intersection(_HalfSpace((0, 0, x_mid + 1.2), (0, 0, 1)),
                           _HalfSpace((0, 0, x_mid - 1.2), (0, 0, -1)), brain,
                           _Complement(_Superellipsoid(brain.center, (60, 0.45 * brain.semi_axes[1], 40))))
-  canvas.paint(fissure, hu['csf'], 'csf', register=False)
+  canvas.paint(fissure, hu['csf'], 'csf')
 
   z_ventricles = _uniform(rng, -10, 10)
   width = _uniform(rng, 4, 9)
@@ -945,7 +949,7 @@ def _build_head(canvas: _Canvas, rng, seed: int) -> _Anatomy:
   canvas.paint(_Superellipsoid((z_ventricles + 15, center_y + 0.05 * brain.semi_axes[1], 0),
                                (12, 14, 2.5)), hu['csf'], 'csf')  # third ventricle
   return _Anatomy({'white_matter': hu['white_matter'], 'gray_matter': hu['gray_matter']},
-                  deep_region=_inset(brain, 18.0))
+                  deep_region=_inset(brain, 18.0), midline_gap=(x_mid, 1.2))
 
 
 # ----------------------------------------------------------------------------
@@ -992,7 +996,9 @@ def _sphere_directions(count: int) -> np.ndarray:
   return np.stack([z, ring * np.sin(azimuth), ring * np.cos(azimuth)], axis=1)
 
 
-_PROBE_DIRECTIONS = _sphere_directions(48)
+# ~0.3 reach apart on the probe sphere: no registered structure thick enough
+# to matter (ribs, vessels, ducts >= 7 mm across) slips between them.
+_PROBE_DIRECTIONS = _sphere_directions(128)
 
 
 def _organ_box(canvas: _Canvas, organs: Sequence[str]):
@@ -1033,6 +1039,9 @@ def _place_lesion(canvas: _Canvas, anatomy: _Anatomy, kind: _LesionKind, rng, pl
     contrast = _uniform(rng, *kind.contrast_hu)
     reach = float(semi.max()) + _LESION_MARGIN_MM
     if any(np.linalg.norm(center - other) < reach + other_reach for other, other_reach in placed):
+      continue
+    if anatomy.midline_gap is not None and (
+        abs(center[2] - anatomy.midline_gap[0]) < reach + anatomy.midline_gap[1]):
       continue
     probes = np.concatenate([center[None], center + reach * _PROBE_DIRECTIONS,
                              center + 0.5 * reach * _PROBE_DIRECTIONS[::4]])
