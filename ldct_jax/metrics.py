@@ -153,6 +153,16 @@ def _filter_2d(images, taps: np.ndarray) -> jnp.ndarray:
   return images
 
 
+def gaussian_blur(images, sigma: float) -> jnp.ndarray:
+  """Gaussian filter over H and W of NHWC images, as SSIM uses it.
+
+  Equals ``scipy.ndimage.gaussian_filter(images, (0, sigma, sigma, 0),
+  mode='reflect', truncate=3.5)``; ``sigma`` in pixels. The reflect border
+  keeps the image sum unchanged when the filter is shorter than the image.
+  """
+  return _filter_2d(_as_float(images), _gaussian_taps(sigma))
+
+
 def _crop(images, border: int) -> jnp.ndarray:
   if border == 0:
     return images

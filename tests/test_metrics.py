@@ -142,6 +142,14 @@ def test_ssim_on_raw_hu_matches_skimage(ct_pair_hu):
   np.testing.assert_allclose(metrics.ssim(x, ref, 4096.0), expected, atol=1e-4)
 
 
+def test_gaussian_blur_matches_scipy_and_keeps_the_sum():
+  images = np.random.default_rng(11).random((2, 20, 23, 2))
+  blurred = np.asarray(metrics.gaussian_blur(images, 2.0), np.float64)
+  expected = ndimage.gaussian_filter(images, (0, 2, 2, 0), mode="reflect", truncate=3.5)
+  np.testing.assert_allclose(blurred, expected, atol=1e-6)
+  np.testing.assert_allclose(blurred.sum(axis=(1, 2)), images.sum(axis=(1, 2)), rtol=1e-6)
+
+
 def test_ssim_is_jittable_and_rejects_bad_shapes(random_pair):
   x, ref = random_pair
   jitted = jax.jit(metrics.ssim, static_argnames=("win_size",))
