@@ -27,7 +27,10 @@ How this maps to published evaluation code:
   invariant to the -160 HU offset, and their filter zero-pads the borders and
   averages the whole map. To get SSIM on their intensity scale call
   ``ssim(jnp.clip(hu, -160, 240), ..., data_range=400)`` (still with skimage's
-  border handling, so close to but not equal to theirs).
+  border handling, so close to but not equal to theirs). Measured on pydicom's
+  128x128 CT_small slice with 25 HU white noise: 0.822 with their method
+  (re-derived in NumPy), 0.817 with ours on truncated HU, 0.836 with ours on
+  the 'paper' window; PSNR agrees to 1e-4 dB.
 * ldct-benchmark (Eulig et al. 2024): PSNR/SSIM after a per-exam window mapped
   to [0, 1] with data range 1, i.e. ``window_metrics(..., window)``. Their SSIM
   is skimage's default (uniform 7x7 window, sample covariance): pass
@@ -286,7 +289,8 @@ def ms_ssim(x, ref, data_range: DataRange, weights: Sequence[float] = MS_SSIM_WE
     data_range: max - min of the intensity scale; scalar or ``(B,)``.
     weights: one exponent per scale, finest first; its length is the number of
       scales. Used as given (not renormalised): for three scales with Wang's
-      relative weights pass ``w[:3] / sum(w[:3])``.
+      relative weights pass ``w[:3] / sum(w[:3])``. Python floats, static
+      under ``jax.jit`` (``static_argnames=('weights',)``).
     win_size: odd window size of the crop at every scale.
     sigma: Gaussian standard deviation in pixels at every scale.
     k1: luminance stabiliser constant.
