@@ -1,0 +1,505 @@
+"""Graph-convolutional blind denoiser (Chen et al., ICONIP 2020) and its control.
+
+Chen et al. ("Low-Dose CT Image Blind Denoising with Graph Convolutional
+Networks") build on GCDN (Valsesia et al., IEEE TIP 2020): each block adds to
+a local 3x3 convolution a NON-LOCAL graph convolution over a k-nearest-
+neighbour graph computed from the block's own input features.
+
+Graph (``knn_graph``). For every pixel i, candidates are the pixels j of the
+``search_window x search_window`` window centred on i, minus the local
+``(2 * exclude_radius + 1)^2`` patch (i itself and its 3x3 neighbours, which
+the local conv already sees) and minus pixels outside the image. The k
+candidates of smallest squared Euclidean feature distance ``|F_j - F_i|^2``
+are kept. The graph is rebuilt from the features at every forward pass, but
+not differentiated: which neighbours are chosen is a discrete decision
+(``top_k``), so the search runs on ``stop_gradient(features)``. Gradients
+still reach the features through the edge labels and edge weights, which
+``GraphConv`` recomputes from the chosen neighbours.
+
+Edge-conditioned convolution (``GraphConv``), the lightweight ECC of GCDN:
+
+  d_ij   = F_j - F_i                              (edge label, C_in values)
+  z_ij   = leaky_relu(W_h d_ij + c_h)              (hidden layer, C_in units)
+  [kappa, a_1..a_r, b_1..b_r] = W_o z_ij + c_o     (r + r C_out + r C_in)
+  Theta_ij = sum_r kappa_r a_r b_r^T               (C_out x C_in, rank <= r)
+  w_ij   = softmax_j(-|d_ij|^2 / (C_in * T))       (over the k neighbours)
+  out_i  = s * sum_j w_ij Theta_ij F_j,  s = 1 / sqrt(r * C_in)
+
+Choices where the papers leave room, and why:
+  * Softmax weights with a learnt temperature T (``log_temperature``, T = 1 at
+    init) instead of GCDN's fixed ``exp(-d / delta)`` cut-off: the feature
+    scale changes during training, so a fixed delta would need retuning.
+    Distances are divided by C_in so that T = 1 suits any width. The softmax
+    sums to one, which replaces GCDN's division by the neighbour count.
+  * The head bias ``c_o`` starts from N(0, 1), not zero: with a zero bias an
+    edge whose label is zero (a perfect match, the most useful neighbour)
+    would get Theta = 0 at initialisation. The bias acts as a shared static
+    low-rank kernel that the edge-dependent part modulates.
+  * ``s = 1 / sqrt(r * C_in)`` makes Theta F_j of the order of F_j when
+    a, b and kappa are O(1), as LeCun initialisation does for a static kernel.
+  * No bias in ``GraphConv``: the local conv it is fused with has one.
+  * Neighbour counts: the paper's "16 (+8)" is read as 16 non-local
+    neighbours plus the 8 local ones, which here are the local 3x3 conv's
+    taps; ``k`` counts only the non-local ones.
+  * Fusion (``GCNBlock``): ``relu(alpha * local + beta * nonlocal)`` with
+    trainable scalars alpha = beta = 0.5 at init, i.e. GCDN's average at
+    initialisation and free to reweight afterwards.
+  * No batch norm: the net is shallow (5 layers of convs), predicts the noise
+    residual, and trains on small patch batches whose statistics differ from
+    whole-slice inference; BN's train/eval switch would also break the exact
+    translation equivariance that the tests check.
+
+Memory. ``knn_graph`` computes candidate distances in chunks of image rows
+(``lax.map``), each chunk by a scan over the window's row offsets, so the
+largest buffer is ``B * rows * W * search_window^2`` distances; ``GraphConv``
+evaluates its per-edge network in row chunks too, each chunk rematerialised
+(``jax.checkpoint``) in the backward pass, so per-edge activations never
+exist for the whole image. ``chunk_rows=None`` picks the rows from byte
+budgets (``KNN_CHUNK_BYTES``, ``EDGE_CHUNK_BYTES``).
+
+Parameter counts for the default config (features 32, 3 blocks, rank 11, one
+input channel): ``GCNDenoiser`` 102,315 (each ``GraphConv`` 24,652);
+``LocalCNN`` 102,606 (local path width 77), +0.28 %.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+from ldct_jax.models.layers import Conv
+
+Array = jax.Array
+Graph = Tuple[Array, Array]
+
+# Byte budget of one chunk's candidate-distance buffer in ``knn_graph``.
+# 64 MiB keeps a 512x512 slice with a 49x49 window at 13 rows per chunk.
+KNN_CHUNK_BYTES = 64 << 20
+# Byte budget of one chunk's per-edge activations in ``GraphConv``. Large
+# enough that a 16x64x64 training batch runs in two chunks (little
+# rematerialisation), small enough that 512x512 slices fit in a few GB.
+EDGE_CHUNK_BYTES = 512 << 20
+
+
+def _check_window(k: int, search_window: int, exclude_radius: int, height: int,
+                  width: int) -> None:
+  """Raises unless every pixel, corners included, has >= k candidates."""
+  if search_window < 1 or search_window % 2 == 0:
+    raise ValueError(f"search_window must be odd and positive, got "
+                     f"{search_window}")
+  if exclude_radius < 0:
+    raise ValueError(f"exclude_radius must be >= 0, got {exclude_radius}")
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  radius = search_window // 2
+  # A corner pixel sees the fewest candidates: one quadrant of the window.
+  window = (min(radius, height - 1) + 1) * (min(radius, width - 1) + 1)
+  local = ((min(exclude_radius, radius, height - 1) + 1)
+           * (min(exclude_radius, radius, width - 1) + 1))
+  if window - local < k:
+    raise ValueError(
+        f"k={k} neighbours requested, but a corner pixel of a {height}x{width} "
+        f"image has only {window - local} candidates in a {search_window}x"
+        f"{search_window} window outside the local radius {exclude_radius}")
+
+
+def _split_rows(x: Array, rows: int) -> Array:
+  """``(B, H, ...)`` -> ``(ceil(H / rows), B, rows, ...)``, zero-padded rows."""
+  chunks = -(-x.shape[1] // rows)
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, chunks * rows - x.shape[1])
+  x = jnp.pad(x, pad)
+  x = x.reshape((x.shape[0], chunks, rows) + x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _merge_rows(x: Array, height: int) -> Array:
+  """Inverse of ``_split_rows``: ``(n, B, rows, ...)`` -> ``(B, height, ...)``."""
+  x = jnp.moveaxis(x, 0, 1)
+  x = x.reshape((x.shape[0], -1) + x.shape[3:])
+  return x[:, :height]
+
+
+def knn_graph(features: Array, k: int, search_window: int,
+              exclude_radius: int = 1,
+              chunk_rows: Optional[int] = None) -> Graph:
+  """Non-local k-nearest-neighbour graph within a search window.
+
+  Args:
+    features: ``(B, H, W, C)`` feature maps.
+    k: neighbours per pixel.
+    search_window: odd side of the square window centred on each pixel;
+      candidates have ``|dy|, |dx| <= search_window // 2``.
+    exclude_radius: candidates with ``|dy|, |dx| <= exclude_radius`` (the
+      pixel itself and its local patch, 3x3 for 1) are never chosen.
+    chunk_rows: image rows whose candidate distances are computed at once;
+      None picks the most that fit ``KNN_CHUNK_BYTES``. The result does not
+      depend on it.
+
+  Returns:
+    ``(indices, distances)``, both ``(B, H, W, k)``: ``indices`` (int32) are
+    flat indices ``y * W + x`` into the image of the k nearest candidates,
+    ``distances`` (float32) their squared Euclidean feature distances
+    ``sum_c (F_j - F_i)^2``, ascending along the last axis. Ties go to the
+    candidate first in raster order of the window (lower dy, then lower dx).
+    Both carry no gradient. Pixels outside the image are never returned.
+
+  Raises:
+    ValueError: on a bad window, or if a corner pixel has fewer than k
+      candidates.
+  """
+  if features.ndim != 4:
+    raise ValueError(f"features must be (B, H, W, C), got {features.shape}")
+  batch, height, width, _ = features.shape
+  _check_window(k, search_window, exclude_radius, height, width)
+  size = search_window
+  radius = size // 2
+  if chunk_rows is None:
+    row_bytes = batch * width * size * size * 4
+    chunk_rows = max(1, KNN_CHUNK_BYTES // row_bytes)
+  rows = max(1, min(int(chunk_rows), height))
+  chunks = -(-height // rows)
+
+  # Distances of identical features must be exactly zero and tiny ones must
+  # not drown in rounding, so they are sums of squared differences, not
+  # |a|^2 + |b|^2 - 2ab (which cancels catastrophically for close matches).
+  feats = lax.stop_gradient(features).astype(jnp.float32)
+  padded = jnp.pad(feats, ((0, 0), (radius, radius + chunks * rows - height),
+                           (radius, radius), (0, 0)))
+  offsets = np.arange(size) - radius
+  local = ((np.abs(offsets)[:, None] <= exclude_radius)
+           & (np.abs(offsets)[None, :] <= exclude_radius))
+  cols = np.arange(width)[:, None] + offsets[None, :]  # (W, S) candidate x
+  col_ok = jnp.asarray((cols >= 0) & (cols < width))
+
+  def chunk(y0: Array) -> Graph:
+    query = lax.dynamic_slice_in_dim(padded, y0 + radius, rows, axis=1)
+    query = query[:, :, radius:radius + width]  # (B, rows, W, C)
+
+    def row_offset(carry, a):
+      # Rows y0 + i + a - radius of the image, all columns of the window.
+      band = lax.dynamic_slice_in_dim(padded, y0 + a, rows, axis=1)
+      dist = jnp.stack([
+          jnp.sum(jnp.square(band[:, :, b:b + width] - query), axis=-1)
+          for b in range(size)], axis=-1)  # (B, rows, W, S)
+      return carry, dist
+
+    _, dist = lax.scan(row_offset, None, jnp.arange(size))  # (S, B, r, W, S)
+    dist = jnp.moveaxis(dist, 0, 3)  # (B, rows, W, S_dy, S_dx)
+    cand_rows = y0 + jnp.arange(rows)[:, None] + offsets[None, :]  # (r, S)
+    row_ok = (cand_rows >= 0) & (cand_rows < height)
+    valid = (row_ok[:, None, :, None] & col_ok[None, :, None, :]
+             & jnp.asarray(~local)[None, None])  # (rows, W, S, S)
+    dist = jnp.where(valid, dist, jnp.inf).reshape(
+        (batch, rows, width, size * size))
+    neg_dist, slot = lax.top_k(-dist, k)
+    dy = slot // size - radius
+    dx = slot % size - radius
+    y = (y0 + jnp.arange(rows))[None, :, None, None]
+    x = jnp.arange(width)[None, None, :, None]
+    return ((y + dy) * width + (x + dx)).astype(jnp.int32), -neg_dist
+
+  if chunks == 1:
+    indices, distances = chunk(jnp.int32(0))
+    indices, distances = indices[:, :height], distances[:, :height]
+  else:
+    indices, distances = lax.map(chunk, jnp.arange(chunks) * rows)
+    indices = _merge_rows(indices, height)
+    distances = _merge_rows(distances, height)
+  return lax.stop_gradient(indices), lax.stop_gradient(distances)
+
+
+def graph_conv_param_count(in_features: int, features: int, rank: int) -> int:
+  """Parameters of a ``GraphConv``: edge MLP, low-rank head, temperature."""
+  hidden = in_features * in_features + in_features
+  head = (in_features + 1) * rank * (in_features + features + 1)
+  return hidden + head + 1
+
+
+def _edge_conv_rows(params: Tuple[Array, ...], flat: Array, center: Array,
+                    indices: Array, rank: int) -> Array:
+  """Edge-conditioned aggregation for a band of rows (see module docstring).
+
+  Args:
+    params: ``(hidden_kernel, hidden_bias, head_kernel, head_bias,
+      log_temperature)``.
+    flat: ``(B, H * W, C_in)`` whole-image features (neighbour source).
+    center: ``(B, rows, W, C_in)`` features of the band's pixels.
+    indices: ``(B, rows, W, k)`` flat neighbour indices.
+    rank: r of the low-rank Theta.
+
+  Returns:
+    ``(B, rows, W, C_out)``.
+  """
+  hidden_kernel, hidden_bias, head_kernel, head_bias, log_temperature = params
+  in_features = center.shape[-1]
+  out_features = head_kernel.shape[-1] // rank - in_features - 1
+  neighbours = jax.vmap(lambda f, i: f[i])(flat, indices)  # (B, r, W, k, C)
+  label = neighbours - center[..., None, :]
+  logits = -jnp.sum(jnp.square(label), axis=-1) / (
+      in_features * jnp.exp(log_temperature))
+  weights = jax.nn.softmax(logits, axis=-1)  # (B, rows, W, k)
+  hidden = nn.leaky_relu(label @ hidden_kernel + hidden_bias)
+  head = hidden @ head_kernel + head_bias
+  lead = head.shape[:-1]
+  kappa = head[..., :rank]
+  right = head[..., rank:rank + rank * in_features].reshape(
+      lead + (rank, in_features))
+  left = head[..., rank + rank * in_features:].reshape(
+      lead + (rank, out_features))
+  # Theta F_j = sum_r kappa_r a_r (b_r . F_j): never forms the C_out x C_in
+  # matrix, only r projections per edge.
+  proj = jnp.einsum("...rc,...c->...r", right, neighbours) * kappa
+  proj = proj * weights[..., None]
+  out = jnp.einsum("...kr,...kro->...o", proj, left)
+  return out / math.sqrt(rank * in_features)
+
+
+class GraphConv(nn.Module):
+  """Non-local lightweight edge-conditioned graph convolution (GCDN ECC).
+
+  See the module docstring for the formula and the design choices.
+
+  Attributes:
+    features: output channels C_out.
+    k: non-local neighbours per pixel.
+    search_window: odd side of the neighbour search window.
+    rank: rank r of each edge's C_out x C_in weight matrix (paper: 11).
+    exclude_radius: local patch radius excluded from the graph (1: 3x3).
+    chunk_rows: image rows per chunk for the graph search and the edge
+      network; None picks them from ``KNN_CHUNK_BYTES``/``EDGE_CHUNK_BYTES``.
+      Results do not depend on it.
+    param_dtype: dtype of the parameters.
+  """
+
+  features: int
+  k: int
+  search_window: int
+  rank: int = 11
+  exclude_radius: int = 1
+  chunk_rows: Optional[int] = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, graph: Optional[Graph] = None) -> Array:
+    """Aggregates each pixel's non-local neighbours.
+
+    Args:
+      x: ``(B, H, W, C_in)`` features.
+      graph: ``(indices, distances)`` from ``knn_graph``; None builds it from
+        ``x`` with this module's k, window and exclusion.
+
+    Returns:
+      ``(B, H, W, features)``.
+    """
+    if x.ndim != 4:
+      raise ValueError(f"GraphConv takes (B, H, W, C), got {x.shape}")
+    batch, height, width, in_features = x.shape
+    if graph is None:
+      graph = knn_graph(x, self.k, self.search_window, self.exclude_radius,
+                        self.chunk_rows)
+    indices = graph[0]
+    if indices.shape != (batch, height, width, self.k):
+      raise ValueError(f"graph indices {indices.shape} do not match "
+                       f"{(batch, height, width, self.k)}")
+    head_width = self.rank * (in_features + self.features + 1)
+    params = (
+        self.param("edge_hidden_kernel", nn.initializers.lecun_normal(),
+                   (in_features, in_features), self.param_dtype),
+        self.param("edge_hidden_bias", nn.initializers.zeros_init(),
+                   (in_features,), self.param_dtype),
+        self.param("edge_head_kernel", nn.initializers.lecun_normal(),
+                   (in_features, head_width), self.param_dtype),
+        self.param("edge_head_bias", nn.initializers.normal(1.0),
+                   (head_width,), self.param_dtype),
+        self.param("log_temperature", nn.initializers.zeros_init(), (),
+                   self.param_dtype),
+    )
+    flat = x.reshape(batch, height * width, in_features)
+    rows = self.chunk_rows
+    if rows is None:
+      # Per edge: neighbour, label, hidden (3 C_in) and the head output.
+      edge_bytes = 4 * (3 * in_features + head_width)
+      rows = max(1, EDGE_CHUNK_BYTES // (batch * width * self.k * edge_bytes))
+    rows = min(int(rows), height)
+    if rows == height:
+      return _edge_conv_rows(params, flat, x, indices, self.rank)
+    # Rematerialised per chunk: the backward pass keeps only each chunk's
+    # inputs, not its (rows * W * k * head_width) edge activations.
+    body = jax.checkpoint(
+        lambda band: _edge_conv_rows(params, flat, band[0], band[1],
+                                     self.rank))
+    out = lax.map(body, (_split_rows(x, rows), _split_rows(indices, rows)))
+    return _merge_rows(out, height)
+
+
+class GCNBlock(nn.Module):
+  """``relu(alpha * conv3x3(x) + beta * GraphConv(x))``, graph built from x.
+
+  Attributes:
+    features: output channels.
+    k: non-local neighbours per pixel.
+    search_window: odd side of the neighbour search window.
+    rank: rank of the edge-conditioned weights.
+    exclude_radius: local patch radius excluded from the graph.
+    chunk_rows: see ``GraphConv``.
+    conv_lowering: lowering of the local conv (see ``layers``).
+  """
+
+  features: int
+  k: int
+  search_window: int
+  rank: int = 11
+  exclude_radius: int = 1
+  chunk_rows: Optional[int] = None
+  conv_lowering: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps ``(B, H, W, C_in)`` to ``(B, H, W, features)``."""
+    local = Conv(self.features, (3, 3), lowering=self.conv_lowering,
+                 name="local")(x)
+    nonlocal_ = GraphConv(self.features, self.k, self.search_window,
+                          self.rank, self.exclude_radius, self.chunk_rows,
+                          name="graph")(x)
+    alpha = self.param("alpha", nn.initializers.constant(0.5), ())
+    beta = self.param("beta", nn.initializers.constant(0.5), ())
+    return nn.relu(alpha * local + beta * nonlocal_)
+
+
+class GCNDenoiser(nn.Module):
+  """Residual GCN denoiser: conv3x3-ReLU, ``num_blocks`` GCNBlocks, conv3x3.
+
+  The last conv predicts the noise, which is subtracted from the input.
+  Every output pixel depends on input pixels within
+  ``2 + num_blocks * (search_window // 2)`` rows/columns (3x3 convs at both
+  ends, one window per block), the margin within which borders matter.
+
+  Attributes:
+    features: channels of every hidden layer.
+    num_blocks: GCN blocks (paper: 3).
+    k: non-local neighbours per pixel (paper: 16).
+    search_window: odd side of the search window (paper: 49).
+    rank: rank of the edge-conditioned weights (paper: 11).
+    chunk_rows: see ``GraphConv``; set it (or rely on the byte budgets) for
+      whole 512x512 slices.
+    conv_lowering: lowering of every conv (see ``layers``).
+  """
+
+  features: int = 32
+  num_blocks: int = 3
+  k: int = 8
+  search_window: int = 15
+  rank: int = 11
+  chunk_rows: Optional[int] = None
+  conv_lowering: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Denoises ``x``.
+
+    Args:
+      x: ``(B, H, W, C)`` images (normalised units). Every pixel needs k
+        candidates: H and W at least ``search_window // 2 + 1`` for the
+        defaults (checked, ValueError otherwise).
+      train: unused (no batch norm or dropout); kept for the common model
+        signature.
+
+    Returns:
+      ``x - predicted_noise``, same shape as ``x``.
+    """
+    del train
+    h = nn.relu(Conv(self.features, (3, 3), lowering=self.conv_lowering,
+                     name="conv_in")(x))
+    for block in range(self.num_blocks):
+      h = GCNBlock(self.features, self.k, self.search_window, self.rank,
+                   chunk_rows=self.chunk_rows,
+                   conv_lowering=self.conv_lowering, name=f"block{block}")(h)
+    noise = Conv(x.shape[-1], (3, 3), lowering=self.conv_lowering,
+                 name="conv_out")(h)
+    return x - noise
+
+
+def local_path_width(features: int, rank: int = 11) -> int:
+  """Hidden width M of ``LocalBlock``'s path matching a GraphConv's params.
+
+  The path conv3x3 (C -> M) + conv1x1 (M -> C) has ``M * (10 C + 1) + C``
+  parameters; M is the nearest integer to equality with
+  ``graph_conv_param_count(C, C, rank)``.
+  """
+  target = graph_conv_param_count(features, features, rank)
+  return max(1, round((target - features) / (10 * features + 1)))
+
+
+class LocalBlock(nn.Module):
+  """GCNBlock with the graph conv replaced by a local path of equal size.
+
+  ``relu(alpha * conv3x3(x) + beta * conv1x1(leaky_relu(conv3x3_M(x))))``:
+  the path has the graph conv's depth (hidden layer + linear head, same
+  nonlinearity) and, through its width M, nearly its parameter count.
+
+  Attributes:
+    features: output channels.
+    hidden_features: width M of the path.
+    conv_lowering: lowering of every conv (see ``layers``).
+  """
+
+  features: int
+  hidden_features: int
+  conv_lowering: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps ``(B, H, W, C_in)`` to ``(B, H, W, features)``."""
+    local = Conv(self.features, (3, 3), lowering=self.conv_lowering,
+                 name="local")(x)
+    path = nn.leaky_relu(Conv(self.hidden_features, (3, 3),
+                              lowering=self.conv_lowering, name="path_in")(x))
+    path = Conv(self.features, (1, 1), lowering=self.conv_lowering,
+                name="path_out")(path)
+    alpha = self.param("alpha", nn.initializers.constant(0.5), ())
+    beta = self.param("beta", nn.initializers.constant(0.5), ())
+    return nn.relu(alpha * local + beta * path)
+
+
+class LocalCNN(nn.Module):
+  """Ablation control: ``GCNDenoiser`` with every GraphConv made local.
+
+  Same layers, widths, fusion and residual output as ``GCNDenoiser``; each
+  GraphConv becomes the local path of ``LocalBlock``, whose width is chosen
+  to match the GraphConv's parameter count (default config: 102,606 against
+  102,315 parameters).
+
+  Attributes:
+    features: channels of every hidden layer.
+    num_blocks: blocks.
+    rank: rank of the GraphConv whose parameter count the paths match.
+    conv_lowering: lowering of every conv (see ``layers``).
+  """
+
+  features: int = 32
+  num_blocks: int = 3
+  rank: int = 11
+  conv_lowering: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Denoises ``(B, H, W, C)`` images; returns ``x - predicted_noise``.
+
+    ``train`` is unused (no batch norm or dropout).
+    """
+    del train
+    hidden = local_path_width(self.features, self.rank)
+    h = nn.relu(Conv(self.features, (3, 3), lowering=self.conv_lowering,
+                     name="conv_in")(x))
+    for block in range(self.num_blocks):
+      h = LocalBlock(self.features, hidden, self.conv_lowering,
+                     name=f"block{block}")(h)
+    noise = Conv(x.shape[-1], (3, 3), lowering=self.conv_lowering,
+                 name="conv_out")(h)
+    return x - noise
