@@ -1,1 +1,50 @@
+"""Training methods. Each builds its own state pytree and pure step functions.
 
+A method is a function ``build(config, dataset) -> MethodSpec`` registered
+under a name; ``config.method`` selects it. The training loop
+(``ldct_jax.train.loop``) knows no method by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, List
+
+from ldct_jax.train.loop import Stage
+
+# name -> module defining ``build``; imported lazily.
+METHODS = {
+    "supervised": "ldct_jax.methods.supervised",
+}
+
+
+@dataclasses.dataclass
+class MethodSpec:
+  """What a method gives the loop, the evaluator and the denoise command.
+
+  Attributes:
+    stages: trainable stages, run in order.
+    make_denoiser: ``state -> fn`` where ``fn(x)`` maps a batch of normalised
+      LDCT inputs (NHWC, or NDHWC slabs when ``input_slab > 1``) to normalised
+      denoised slices (NHWC). The state is the final stage's.
+    input_slab: adjacent slices per input (1 for 2D models).
+    description: one line naming the model, for DICOM SeriesDescription and reports.
+  """
+
+  stages: List[Stage]
+  make_denoiser: Callable[[Any], Callable]
+  input_slab: int = 1
+  description: str = ""
+
+  @property
+  def denoiser_stage(self) -> Stage:
+    return self.stages[-1]
+
+
+def build_method(config, dataset) -> MethodSpec:
+  name = config.method
+  try:
+    module = METHODS[name]
+  except KeyError:
+    raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}") from None
+  return importlib.import_module(module).build(config, dataset)

@@ -1,0 +1,59 @@
+"""The shared default config that every ``configs/*.py`` starts from.
+
+Each experiment file calls ``base_config()`` and overrides what its method
+needs. Fields are commented where their meaning or unit is not obvious.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.method = "supervised"
+  config.seed = 0
+
+  # ---- data ----
+  config.data = data = ml_collections.ConfigDict()
+  data.root = ""               # '' = built-in simulated dataset; else a Mayo or TCIA tree
+  data.layout = "auto"         # 'auto' | 'mayo' | 'tcia'
+  data.thickness = "1mm"       # Mayo: '1mm' or '3mm' series
+  data.patients = ()           # restrict to these patient ids (empty = all)
+  data.cache_dir = ""          # built-in dataset cache ('' = $LDCT_JAX_CACHE or ~/.cache/ldct_jax)
+  data.builtin = ml_collections.ConfigDict(dict(
+      num_patients=8, num_slices=32, size=256, dose_fraction=0.25, seed=0))
+  data.split = ml_collections.ConfigDict(dict(
+      fractions=(0.5, 0.25, 0.25),  # patient-level train/val/test
+      seed=0,
+      file=""))                     # JSON split list; overrides fractions
+  data.patch_size = 64         # the papers' 64x64 patches
+  data.slab = 1                # adjacent slices per input (1 = 2D; 3/5/7 for 3D models)
+  data.batch_size = 16         # GLOBAL batch; divisible by the device count
+  data.augment = True          # random flips / rot90
+  data.skip_air_fraction = 0.9  # resample patches with more than this fraction of air
+  # Network inputs are (HU + 1024) / 4096: [-1024, 3072] HU -> [0, 1], as in the
+  # public RED-CNN / WGAN-VGG code, so the papers' learning rates carry over.
+  # The map is inverted exactly before any metric is computed.
+  data.normalization = ml_collections.ConfigDict(dict(kind="affine", shift=-1024.0, scale=4096.0))
+
+  # ---- model / loss / optimiser ----
+  config.model = ml_collections.ConfigDict(dict(name="redcnn"))
+  config.loss = ml_collections.ConfigDict(dict(name="l2", kwargs={}))
+  config.optim = ml_collections.ConfigDict(dict(
+      name="adam", lr=1e-4, schedule="cosine", warmup_steps=0, end_lr_factor=0.1,
+      grad_clip=0.0, b1=0.9, b2=0.999))
+
+  # ---- training loop ----
+  config.train = ml_collections.ConfigDict(dict(
+      num_steps=1000, log_every=50, eval_every=250, checkpoint_every=250,
+      keep_checkpoints=3, stop_at=0, tensorboard=True,
+      best_metric="val/psnr", best_mode="max"))
+
+  # ---- evaluation ----
+  config.eval = ml_collections.ConfigDict(dict(
+      windows=("abdomen", "paper", "lung"),  # PSNR/SSIM per window; first one drives validation
+      split="test",              # 'test' | 'val' | 'train' | 'all' (e.g. another data root)
+      batch_size=8,              # whole slices per inference batch
+      max_slices=0,              # 0 = every slice
+      val_max_slices=8,          # slices per validation patient during training
+      classical="auto",          # 'auto' (BM3D if installed, else NLM) | 'bm3d' | 'nlm' | 'none'
+      after_training=True))
+  return config

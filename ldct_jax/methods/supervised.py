@@ -1,0 +1,127 @@
+"""Supervised denoising on paired LDCT/NDCT patches (RED-CNN, DnCNN, U-Net, ...).
+
+State: ``TrainState`` (params, optimiser state, BatchNorm statistics).
+Step: ``loss(model(ld), nd)`` with the config's loss, one optimiser update.
+With ``data.slab = k > 1`` the model sees k adjacent LDCT slices (NDHWC) and
+is trained against the central NDCT slice.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax.training import train_state
+
+from ldct_jax import losses, models
+from ldct_jax.data.pipeline import Normalization, make_patch_dataset
+from ldct_jax.methods import MethodSpec
+from ldct_jax.train.loop import Stage
+from ldct_jax.train.optim import make_optimizer
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = flax.core.FrozenDict()
+
+
+def model_variables(state: TrainState) -> dict:
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return variables
+
+
+def central_slice(x: jax.Array) -> jax.Array:
+  """(B, k, H, W, C) slab -> (B, H, W, C) middle slice; 2D batches pass through."""
+  return x[:, x.shape[1] // 2] if x.ndim == 5 else x
+
+
+def input_shape(data_cfg, patch_size: int) -> tuple:
+  slab = int(data_cfg.get("slab", 1))
+  return (1, slab, patch_size, patch_size, 1) if slab > 1 else (1, patch_size, patch_size, 1)
+
+
+def make_loss_fn(loss_cfg):
+  return losses.get_loss(loss_cfg.name, **dict(loss_cfg.get("kwargs", {})))
+
+
+def create_train_state(model, tx, rng, shape) -> TrainState:
+  variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables.get("batch_stats", flax.core.FrozenDict()))
+
+
+def make_train_step(model, loss_fn):
+  """Pure ``(state, batch, rng) -> (state, metrics)`` for paired batches {'ld', 'nd'}."""
+
+  def train_step(state: TrainState, batch, rng):
+    target = central_slice(batch["nd"])
+
+    def objective(params):
+      variables = {**model_variables(state), "params": params}
+      if state.batch_stats:
+        out, updates = model.apply(variables, batch["ld"], train=True,
+                                   mutable=["batch_stats"], rngs={"dropout": rng})
+      else:
+        out, updates = model.apply(variables, batch["ld"], train=True,
+                                   rngs={"dropout": rng}), {}
+      return loss_fn(out, target), (out, updates)
+
+    (loss, (out, updates)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads)
+    if updates:
+      state = state.replace(batch_stats=updates["batch_stats"])
+    metrics = {
+        "loss": loss,
+        "mse": jnp.mean(jnp.square(out - target)),
+        "grad_norm": jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))),
+    }
+    return state, metrics
+
+  return train_step
+
+
+def make_denoiser(model):
+  """``state -> jitted fn(x_norm) -> y_norm`` in inference mode."""
+
+  def make(state):
+    variables = model_variables(state)
+    return jax.jit(lambda x: model.apply(variables, x, train=False))
+
+  return make
+
+
+def build(config, dataset) -> MethodSpec:
+  # Deferred: evaluation imports methods' consumers, not the other way round.
+  from ldct_jax.evaluation import make_validation_fn
+
+  model = models.get_model(config.model)
+  loss_fn = make_loss_fn(config.loss)
+  tx = make_optimizer(config.optim, config.train.num_steps)
+  normalization = Normalization.from_config(config.data.normalization)
+  slab = int(config.data.get("slab", 1))
+  make = make_denoiser(model)
+
+  def init_state(rng, previous):
+    del previous
+    return create_train_state(model, tx, rng, input_shape(config.data, config.data.patch_size))
+
+  def make_data(previous):
+    del previous
+    return make_patch_dataset(
+        dataset.split("train"), keys=("ld", "nd"), patch_size=config.data.patch_size,
+        slab=slab, batch_size=config.data.batch_size, seed=config.seed,
+        normalization=normalization, augment=config.data.augment,
+        skip_air_fraction=config.data.skip_air_fraction)
+
+  evaluate = None
+  if dataset is not None and dataset.splits.get("val"):
+    evaluate = make_validation_fn(config, dataset.split("val"), make, normalization, slab)
+
+  stage = Stage(name="denoiser", num_steps=config.train.num_steps, init_state=init_state,
+                train_step=make_train_step(model, loss_fn), make_data=make_data,
+                evaluate=evaluate, best_metric=config.train.get("best_metric"),
+                best_mode=config.train.get("best_mode", "max"))
+  return MethodSpec(stages=[stage], make_denoiser=make, input_slab=slab,
+                    description=f"{config.model.name} (supervised, {config.loss.name} loss)")
