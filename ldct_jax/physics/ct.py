@@ -325,9 +325,9 @@ def radon(image, angles, num_detectors: Optional[int] = None, *,
   ``skimage.transform.radon`` with ``circle=True``, but angles in radians and
   the sinogram transposed: for an image that is zero outside its inscribed
   disc, ``radon(x, np.deg2rad(theta)).T`` agrees with
-  ``skimage.transform.radon(x, theta)`` (to ~1% relative L2 on the Shepp-Logan
-  phantom: skimage sums bilinear samples along each ray, Joseph samples once
-  per row). Unlike skimage, the whole image is projected; with the default
+  ``skimage.transform.radon(x, theta)`` (relative L2 1.4e-3 on the 512^2
+  Shepp-Logan phantom, 5.7e-3 at 128^2: skimage sums bilinear samples along
+  each ray, Joseph samples once per row). Unlike skimage, the whole image is projected; with the default
   detector count the detector only spans the inscribed disc, pass
   ``num_detectors >= sqrt(2) max(H, W) + 2`` to cover the full square.
 
@@ -525,7 +525,11 @@ def fbp(sinogram, angles, size: Size, filter: str = "ramp", *,  # pylint: disabl
   ``mu(x, y) = (pi / A) sum_a q_a(x cos theta_a + y sin theta_a)`` with ``q``
   from :func:`filter_sinogram`, angles uniformly spaced over 180 deg (or 360
   deg: each line is then measured twice and the same weight applies).
-  Conventions match :func:`radon` and ``skimage.transform.iradon``.
+  Conventions match :func:`radon` and ``skimage.transform.iradon``; ``q`` is
+  interpolated (as in :func:`backproject`) from a 2x band-limited upsampling
+  done in the filter's FFT. On the 512^2 Shepp-Logan phantom (720 angles)
+  the result is within 1.7e-2 relative L2 of ``iradon`` and reaches 35.6 dB
+  PSNR inside the reconstruction disc (``iradon``: 35.9 dB).
 
   Args:
     sinogram: ``(..., A, D)`` line integrals.
@@ -1031,8 +1035,10 @@ def simulate_dose_levels(ndct_hu, dose_fractions: Sequence[float], key, *,
     key: JAX PRNG key; the same key gives the same realisation.
     incident_flux: full-dose photons per detector bin per view (I0). The
       image noise depends on I0 times the number of views and on the bin
-      and pixel sizes: calibrate I0 for the geometry (see the module's
-      benchmark for the default geometry's noise in water).
+      and pixel sizes, so calibrate I0 for the geometry. Default geometry,
+      256^2, 350 mm FOV, 200 mm water cylinder (experiments/benchmark_ct.py):
+      I0 = 1e5 gives 24 HU (dose 1.0) / 48 HU (dose 0.25); I0 = 4e5 gives
+      12 / 24 HU, close to real Mayo full/quarter-dose soft-tissue noise.
     electronic_noise_std: sigma_e in counts (Zeng et al.: sqrt(11)).
     geometry: :class:`ParallelBeamGeometry` / :class:`FanBeamGeometry`;
       default ``ParallelBeamGeometry.for_image(size, pixel_size)``.
