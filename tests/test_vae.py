@@ -1,0 +1,143 @@
+"""Tests for ldct_jax.models.vae: noise extraction, ELBO training, sampling."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ldct_jax import metrics
+from ldct_jax.data import phantoms
+from ldct_jax.models import vae
+from ldct_jax.physics import ct
+
+TINY = dict(latent_channels=4, features=8, num_down=1)
+
+
+def _corr(a, b, mask):
+  a, b = a[mask] - a[mask].mean(), b[mask] - b[mask].mean()
+  return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def _correlated_noise(key, shape, std_hu=16.0):
+  """Spatially correlated noise (white noise blurred, sigma 1 px), network units."""
+  white = jax.random.normal(key, shape)
+  blurred = metrics.gaussian_blur(white, 1.0)
+  return blurred / jnp.std(blurred) * std_hu / 4096.0
+
+
+def test_extract_noise_keeps_noise_and_leaves_edges():
+  volume = phantoms.make_volume(5, region="abdomen", size=64, num_slices=2)
+  px = float(volume.pixel_spacing_mm)
+  hu = jnp.asarray(volume.hu)
+  geometry = ct.ParallelBeamGeometry.for_image((64, 64), px)
+  # True noise against the noise-free FBP: the phantom itself differs from
+  # any FBP by the reconstruction blur of its edges.
+  clean = ct.mu_to_hu(geometry.reconstruct(geometry.project(ct.hu_to_mu(hu), px), (64, 64), px))
+  low = ct.simulate_low_dose(hu, 0.25, jax.random.PRNGKey(0), incident_flux=1e5, pixel_size=px)
+  ld_norm = ((low + 1024.0) / 4096.0)[..., None]
+  noise, structure = vae.extract_noise(ld_norm)
+  np.testing.assert_allclose(noise + structure, ld_norm, atol=1e-6)
+  noise_hu = np.asarray(noise)[..., 0] * 4096.0
+  true = np.asarray(low - clean)
+  edges = np.asarray(clean - metrics.gaussian_blur(clean[..., None], 1.0)[..., 0])
+  body = np.asarray(volume.hu) > -900
+  assert _corr(noise_hu, true, body) > 0.6
+  assert abs(_corr(noise_hu, edges, body)) < 0.15
+  # The test can fail: a linear low-pass residual is mostly edges.
+  linear = np.asarray(ld_norm - metrics.gaussian_blur(ld_norm, 1.5))[..., 0]
+  assert _corr(linear, edges, body) > 0.5
+
+
+def test_estimate_noise_std_recovers_white_noise_in_body():
+  key = jax.random.PRNGKey(1)
+  image = jnp.full((2, 32, 32, 1), 0.25).at[:, :, :8].set(0.0)  # air strip
+  image = image + (10.0 / 4096.0) * jax.random.normal(key, image.shape) * (image > 0)
+  estimate = np.asarray(vae.estimate_noise_std(image)).ravel() * 4096.0
+  np.testing.assert_allclose(estimate, 10.0, rtol=0.15)
+
+
+def test_kl_weight_schedule():
+  assert float(vae.kl_weight_schedule(0, 10, 0.5)) == 0.0
+  assert float(vae.kl_weight_schedule(5, 10, 0.5)) == pytest.approx(0.25)
+  assert float(vae.kl_weight_schedule(10, 10, 0.5)) == pytest.approx(0.5)
+  assert float(vae.kl_weight_schedule(1000, 10, 0.5)) == pytest.approx(0.5)
+  assert float(vae.kl_weight_schedule(3, 0, 0.7)) == pytest.approx(0.7)
+  jitted = jax.jit(vae.kl_weight_schedule, static_argnums=(1, 2))
+  assert float(jitted(jnp.asarray(2), 4, 1.0)) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A tiny VAE after 40 Adam steps on correlated noise patches (16x16)."""
+  keys = jax.random.split(jax.random.PRNGKey(2), 3)
+  noise = _correlated_noise(keys[0], (8, 16, 16, 1))
+  condition = 0.25 + 0.02 * jax.random.uniform(keys[1], (8, 1, 1, 1)) * jnp.ones_like(noise)
+  batch = {"noise": noise, "condition": condition}
+  model = vae.NoiseVAE(**TINY)
+  params = model.init(keys[2], noise, condition, keys[2], train=True)
+  optimizer = optax.adam(3e-3)
+  loss_fn = functools.partial(vae.elbo_loss, model=model)
+
+  @jax.jit
+  def step(params, opt_state, key, kl_weight):
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key, kl_weight)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, m
+
+  opt_state = optimizer.init(params)
+  eval_key = jax.random.PRNGKey(99)
+  first = loss_fn(params, batch, eval_key, 1.0)[0]
+  for i in range(40):
+    params, opt_state, _ = step(params, opt_state, jax.random.PRNGKey(i),
+                                vae.kl_weight_schedule(i, 20, 1.0))
+  last, metrics_ = loss_fn(params, batch, eval_key, 1.0)
+  return model, params, batch, float(first), float(last), metrics_
+
+
+def test_elbo_decreases(trained):
+  _, _, _, first, last, m = trained
+  assert np.isfinite(last)
+  assert last < first - 0.5  # nats per pixel
+  assert float(m["sigma_hu"]) < 100.0  # the likelihood scale stays sane
+
+
+def test_shapes_and_reconstruction(trained):
+  model, params, batch, *_ = trained
+  recon, mean, logvar = model.apply(params, batch["noise"], batch["condition"],
+                                    jax.random.PRNGKey(0), train=True)
+  assert recon.shape == batch["noise"].shape
+  assert mean.shape == logvar.shape == (8, 8, 8, TINY["latent_channels"])
+  with pytest.raises(ValueError):
+    model.apply(params, batch["noise"][:, :15], batch["condition"][:, :15],
+                method=vae.NoiseVAE.encode)
+
+
+def test_samples_depend_on_key_and_have_data_std(trained):
+  model, params, batch, *_ = trained
+  condition = batch["condition"][:2, :15, :13]  # odd size: padded inside
+  sample = functools.partial(model.apply, params, method=vae.NoiseVAE.sample)
+  a = sample(condition, jax.random.PRNGKey(5))
+  b = sample(condition, jax.random.PRNGKey(5))
+  c = sample(condition, jax.random.PRNGKey(6))
+  assert a.shape == condition.shape
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  draws = jnp.stack([sample(batch["condition"], jax.random.PRNGKey(k)) for k in range(16)])
+  per_pixel_std = float(jnp.mean(jnp.std(draws, axis=0)))
+  data_std = float(jnp.std(batch["noise"]))
+  # Not a deterministic blur of the condition: samples vary as the data do.
+  assert 0.5 * data_std < per_pixel_std < 2.0 * data_std
+  zero_temp = sample(batch["condition"], jax.random.PRNGKey(7), 0.0)
+  assert float(jnp.std(zero_temp)) < 0.5 * data_std
+
+
+def test_synthesize_adds_noise_to_ndct(trained):
+  model, params, batch, *_ = trained
+  ndct = batch["condition"]
+  pseudo = jax.jit(functools.partial(vae.synthesize, model=model))(
+      params, ndct, jax.random.PRNGKey(8))
+  assert pseudo.shape == ndct.shape
+  added = np.asarray(pseudo - ndct)
+  assert 0.3 * float(jnp.std(batch["noise"])) < added.std() < 3.0 * float(jnp.std(batch["noise"]))
