@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 import os
 import pathlib
 from typing import Optional
@@ -18,6 +17,7 @@ from ldct_jax.data import dicom
 from ldct_jax.data.datasets import load_dataset
 from ldct_jax.data.pipeline import Normalization
 from ldct_jax.methods import build_method
+from ldct_jax.train.logging import log
 from ldct_jax.train.loop import LoopConfig, restore_stage_state, run_stages
 
 
@@ -63,7 +63,7 @@ def prepare_workdir(config, workdir: str) -> None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     changed = sorted(k for k, v in _flatten(json.loads(text)).items()
                      if _flatten(json.loads(previous)).get(k) != v)
-    logging.warning("config differs from %s in %s; saved as config.%s.json", path, changed, stamp)
+    log(f"config differs from {path} in {changed}; saved as config.{stamp}.json")
     with open(os.path.join(workdir, f"config.{stamp}.json"), "w") as f:
       f.write(text)
 
@@ -81,8 +81,8 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   """Trains every stage (resuming if the workdir has checkpoints), then evaluates."""
   prepare_workdir(config, workdir)
   dataset = load_dataset(config.data)
-  logging.info("data: %s (%s layout), splits %s", dataset.root, dataset.layout,
-               {k: len(v) for k, v in dataset.splits.items()})
+  log(f"data: {dataset.root} ({dataset.layout} layout), patients per split "
+      f"{ {k: len(v) for k, v in dataset.splits.items()} }")
   method = build_method(config, dataset)
   finals = run_stages(method.stages, workdir, seed=config.seed,
                       loop_cfg=LoopConfig.from_config(config.train))
@@ -144,7 +144,8 @@ def _require_trained(workdir: Optional[str]) -> None:
 def main(config, *, mode: str, workdir: Optional[str], config_path: Optional[str] = None,
          input_dir: Optional[str] = None, output_dir: Optional[str] = None,
          checkpoint: str = "best"):
-  logging.getLogger().setLevel(logging.INFO)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   maybe_initialize_distributed()
   if jax.process_index() == 0:
     print(f"ldct_jax: {jax.process_count()} process(es), {jax.device_count()} device(s) "

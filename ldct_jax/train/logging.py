@@ -16,6 +16,12 @@ import jax
 import numpy as np
 
 
+def log(message: str) -> None:
+  """A one-line progress message from process 0 (stdout, flushed)."""
+  if jax.process_index() == 0:
+    print(f"ldct_jax: {message}", flush=True)
+
+
 class MetricWriter:
   """Writes scalar dicts to ``<logdir>/metrics.jsonl`` and TensorBoard events."""
 

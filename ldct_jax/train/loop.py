@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import signal
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional
@@ -33,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldct_jax.data.pipeline import make_mesh, to_global_batch
 from ldct_jax.train.checkpoint import StageCheckpoints
-from ldct_jax.train.logging import MetricWriter, ProgressBar
+from ldct_jax.train.logging import MetricWriter, ProgressBar, log
 
 State = Any
 Previous = Mapping[str, State]
@@ -180,7 +179,7 @@ def run_stages(stages, workdir: str, *, seed: int, loop_cfg: LoopConfig,
         state, finished = _run_stage(stage, workdir, rng, finals, mesh, writer,
                                      loop_cfg, preemption, global_offset)
         if not finished:
-          logging.info("run stopped in stage %r; rerun the same command to resume", stage.name)
+          log(f"run stopped in stage {stage.name!r}; rerun the same command to resume")
           return finals
         finals[stage.name] = state
         global_offset += stage.num_steps
@@ -201,7 +200,7 @@ def _run_stage(stage: Stage, workdir: str, rng: jax.Array, previous: Previous,
     data = None
     if ckpt.latest_step() is not None:
       state, data_state, step = ckpt.restore(abstract_state(stage, init_rng, previous, mesh))
-      logging.info("stage %r: resumed from step %d (%s)", stage.name, step, stage_dir)
+      log(f"stage {stage.name!r}: resumed from step {step} ({stage_dir})")
       if _is_complete(stage_dir) or step >= stage.num_steps:
         return state, True
       data = stage.make_data(previous)
