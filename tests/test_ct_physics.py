@@ -231,6 +231,14 @@ def test_fan_detector_spacing_equals_angle_spacing_times_distance():
   np.testing.assert_allclose(by_angle, by_arc, rtol=1e-5, atol=1e-7)
 
 
+def test_fan_angle_arctangent_matches_numpy():
+  rng = np.random.default_rng(0)
+  along = np.abs(rng.standard_normal(50_000)).astype(np.float32) + 1e-3
+  across = (3.0 * rng.standard_normal(50_000)).astype(np.float32)
+  ours = np.asarray(ct._arctan_ratio(jnp.asarray(across), jnp.asarray(along)))
+  np.testing.assert_allclose(ours, np.arctan2(across.astype(np.float64), along), atol=3e-7)
+
+
 def test_fan_fbp_reconstructs_phantom_and_disc():
   size, pixel_size = 128, 350.0 / 128
   geometry = ct.FanBeamGeometry.for_image(size, pixel_size, num_views=360)

@@ -587,6 +587,37 @@ def _fan_angle_spacing(source_to_detector: float, detector_angle_spacing: Option
   return float(pixel_size / source_to_center)  # one pixel at the isocentre
 
 
+def _arctan_polynomial(degree: int = 8) -> np.ndarray:
+  """Coefficients c with ``atan(x) ~= x * sum_i c_i x^(2i)`` on [-1, 1].
+
+  Chebyshev-node least-squares fit; max error 1.2e-8 rad for degree 8 (float32
+  evaluation adds ~1e-7), i.e. 1e-4 of a typical detector pitch.
+  """
+  nodes = 0.5 - 0.5 * np.cos(np.pi * (np.arange(4 * degree) + 0.5) / (4 * degree))
+  ratio = np.arctan(np.sqrt(nodes)) / np.sqrt(nodes)
+  fit = np.polynomial.chebyshev.Chebyshev.fit(nodes, ratio, degree, domain=[0.0, 1.0])
+  return fit.convert(kind=np.polynomial.Polynomial, domain=[0.0, 1.0], window=[0.0, 1.0]).coef
+
+
+_ARCTAN_COEFFICIENTS = _arctan_polynomial()
+
+
+def _arctan_ratio(num, den):
+  """``atan(num / den)`` for ``den > 0`` (radians), without XLA's atan2.
+
+  XLA's CPU atan2 costs ~45 ns per element, which dominated fan-beam
+  back-projection; this polynomial with range reduction costs ~10 flops.
+  """
+  small = jnp.abs(num) <= den
+  ratio = jnp.where(small, num, den) / jnp.where(small, den, num)  # |ratio| <= 1
+  squared = ratio * ratio
+  series = jnp.zeros_like(ratio)
+  for coefficient in _ARCTAN_COEFFICIENTS[::-1]:
+    series = series * squared + coefficient
+  angle = ratio * series
+  return jnp.where(small, angle, jnp.sign(num) * (np.pi / 2) - angle)
+
+
 def _source_and_central_ray(views, source_to_center: float):
   """Source position (mm) and unit central-ray direction for view angles beta.
 
@@ -762,7 +793,7 @@ def _fan_fbp(sinogram, *, views, size, filter, source_to_center, fan_pitch, pixe
     vy = y[None] - src_y[:, None, None]
     along = vx * dir_x[:, None, None] + vy * dir_y[:, None, None]
     across = dir_x[:, None, None] * vy - dir_y[:, None, None] * vx
-    fine_index = up * (num_detectors // 2 + jnp.arctan2(across, along) / fan_pitch)
+    fine_index = up * (num_detectors // 2 + _arctan_ratio(across, along) / fan_pitch)
     valid = (fine_index >= 0) & (fine_index <= num_fine - 1)
     lower = jnp.clip(jnp.floor(fine_index), 0, num_fine - 2)
     frac = fine_index - lower
