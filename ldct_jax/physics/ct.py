@@ -28,10 +28,11 @@ the row. For one angle all rows are shifted copies of each other on a
 row-FFT domain, one small matrix product per frequency that is shared by every
 image in the batch. XLA runs these as batched matmuls at near-peak speed,
 whereas gather-based ray tracing costs ~4 ns per interpolated sample on CPU
-(~10x slower for a 32 x 256^2 batch). The virtual detector is then linearly
-resampled onto the real detector. Back-projection is the same in reverse
+(~10x slower for a 32 x 256^2 batch). The virtual projection is then upsampled
+2x (band-limited, in the same FFT) and linearly resampled onto the detector. Back-projection is the same in reverse
 (pixel-driven, linear interpolation). Fan-beam uses gather-based ray tracing
-(bilinear) and pixel-driven back-projection; it is exact but slower.
+(bilinear) and pixel-driven back-projection: general, but ~10-20x slower than
+the parallel path per slice (see experiments/benchmark_ct.py).
 """
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 # Working-set target for one chunk of angles (bytes). Bounds peak memory of the
 # per-angle operators while keeping the matmuls large enough to be efficient.
 _CHUNK_BYTES = 48 * 2**20
+
+# Interpolations in the projectors read from a grid this many times finer,
+# made by band-limited upsampling inside an FFT the code computes anyway: the
+# virtual projection in radon, the filtered projections in fbp and fan_fbp.
+# Parallel FBP interpolates twice in a row (filtered projection -> virtual
+# detector -> pixel), which blurs more than skimage's single interpolation;
+# from a 2x grid the first step is close to exact. FBP of skimage's 128^2
+# Shepp-Logan sinogram reaches 26.9 dB PSNR from 1x, 28.5 dB from 2x, 29.0 dB
+# from 4x (iradon: 28.8); 4x doubles the filtering time of 2x.
+_INTERP_UPSAMPLE = 2
 
 Size = Union[int, Tuple[int, int]]
 
@@ -238,8 +249,8 @@ def _regime_project(image_rc, regime: _JosephRegime, det_positions: np.ndarray,
   spec_re, spec_im = spectrum.real, spectrum.imag
 
   # Real detector t (pixel units) sits at virtual index cc + t / a + offset;
-  # the virtual projection is read from a grid _FBP_UPSAMPLE times finer.
-  up = _FBP_UPSAMPLE
+  # the virtual projection is read from a grid _INTERP_UPSAMPLE times finer.
+  up = _INTERP_UPSAMPLE
   virtual = up * (num_cols // 2 + offset + det_positions[None, :] / regime.slope[:, None])
   lower, w_lo, w_hi = _linear_interp_weights(virtual, up * length)
   # Each row contributes its sample times the path length per row, pixel/|a|.
@@ -502,14 +513,6 @@ def filter_sinogram(sinogram, filter: str = "ramp", *, detector_spacing: float =
   return _convolve_detectors(sinogram, kernel, filter) / detector_spacing
 
 
-# FBP interpolates the filtered projections from a grid this many times finer
-# than the detector (band-limited upsampling inside the filter's FFT). The
-# projector interpolates twice (detector -> virtual detector -> pixel); from a
-# 2x grid the first step is close to exact: the 128^2 Shepp-Logan phantom
-# reconstructs at 26.9 dB PSNR from 1x, 28.5 dB from 2x, 29.0 dB from 4x
-# (iradon: 28.8); 4x costs twice the filtering time of 2x.
-_FBP_UPSAMPLE = 2
-
 
 def _reconstruction_disc(height: int, width: int, radius_px: float):
   rows = np.arange(height)[:, None] - height // 2
@@ -558,7 +561,7 @@ def fbp(sinogram, angles, size: Size, filter: str = "ramp", *,  # pylint: disabl
 def _fbp(sinogram, *, angles, size, filter, pixel_size, detector_spacing, circle):  # pylint: disable=redefined-builtin
   num_detectors = sinogram.shape[-1]
   spacing_px = detector_spacing / pixel_size
-  up = _FBP_UPSAMPLE
+  up = _INTERP_UPSAMPLE
   filtered = _convolve_detectors(
       sinogram, _ramp_kernel(_padded_length(num_detectors)), filter, up) / detector_spacing
   image = _backproject_parallel(filtered, angles, size, num_detectors, spacing_px, up)
@@ -772,7 +775,7 @@ def _fan_fbp(sinogram, *, views, size, filter, source_to_center, fan_pitch, pixe
   fan_angles = (np.arange(num_detectors) - num_detectors // 2) * fan_pitch
 
   weighted = sinogram * jnp.asarray(source_to_center * np.cos(fan_angles), dtype)
-  up = _FBP_UPSAMPLE
+  up = _INTERP_UPSAMPLE
   length = _padded_length(num_detectors)
   if length * fan_pitch / 2 >= np.pi:
     raise ValueError("fan too wide: the padded fan-ramp kernel would span 180 degrees")
