@@ -26,8 +26,8 @@ def dilation_schedule(depth: int, dilated: bool) -> tuple:
   """Kernel dilation of each of the ``depth`` layers."""
   if not dilated:
     return (1,) * depth
-  return tuple(1 + min(i % _DILATION_PERIOD, _DILATION_PERIOD - i % _DILATION_PERIOD)
-               for i in range(depth))
+  phases = (i % _DILATION_PERIOD for i in range(depth))
+  return tuple(1 + min(phase, _DILATION_PERIOD - phase) for phase in phases)
 
 
 class DnCNN(nn.Module):

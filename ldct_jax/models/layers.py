@@ -197,10 +197,11 @@ def _tap_groups(kernel_size: Sequence[int], method: str) -> list:
 
 
 def _grouped(kernel: Array, groups: int) -> Array:
-  """``(taps, in // groups, out)`` -> ``(taps, in // groups, groups, out // groups)``.
+  """Splits a kernel's output channels into ``groups`` blocks.
 
-  Output channels form ``groups`` contiguous blocks, block g reading input
-  block g, as in ``lax.conv_general_dilated``.
+  ``(taps, in // groups, out)`` -> ``(taps, in // groups, groups,
+  out // groups)``: contiguous blocks, block g reading input block g, as in
+  ``lax.conv_general_dilated``.
   """
   taps, in_per_group, out_features = kernel.shape
   return kernel.reshape(taps, in_per_group, groups, out_features // groups)
@@ -224,9 +225,10 @@ def _patches_times_kernel(patches: Array, kernel: Array, groups: int,
 
 def _patches_times_output(patches: Array, dy: Array, groups: int,
                           precision: Any) -> Array:
-  """Kernel gradient: contracts pixels of ``(..., taps, in)`` and ``(..., out)``.
+  """Kernel gradient: patches ``(..., taps, in)`` x output gradient.
 
-  Returns ``(taps, in // groups, out)``.
+  Contracts all pixels of the patches with those of the output gradient
+  ``(..., out)``; returns ``(taps, in // groups, out)``.
   """
   taps, in_features = patches.shape[-2:]
   out_features = dy.shape[-1]
@@ -366,7 +368,10 @@ _conv_gather.defvjp(_conv_gather_fwd, _conv_gather_bwd)
 
 def _tap_products(x: Array, kernel: Array, groups: int,
                   precision: Any) -> Array:
-  """Every input pixel times every tap: ``(..., in)`` -> ``(..., taps, out)``."""
+  """Every input pixel times every tap.
+
+  ``(..., in)`` x ``(taps, in // groups, out)`` -> ``(..., taps, out)``.
+  """
   taps, in_per_group, out_features = kernel.shape
   lead = x.shape[:-1]
   if groups == 1:

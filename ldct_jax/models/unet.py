@@ -1,4 +1,4 @@
-"""U-Net (Ronneberger et al., MICCAI 2015) as a residual image-to-image denoiser.
+"""U-Net (Ronneberger et al., MICCAI 2015) as a residual image denoiser.
 
 Level ``l`` (0-based, ``l < depth``): two 3x3 'SAME' conv + ReLU with
 ``features * 2**l`` channels, kept as the skip, then 2x2 max pooling. The
