@@ -13,6 +13,8 @@ MODELS = {
     "redcnn": ("ldct_jax.models.redcnn", "REDCNN"),
     "dncnn": ("ldct_jax.models.dncnn", "DnCNN"),
     "unet": ("ldct_jax.models.unet", "UNet"),
+    "cpce2d": ("ldct_jax.models.cpce", "CPCE2D"),
+    "cpce3d": ("ldct_jax.models.cpce", "CPCE3D"),
 }
 
 
