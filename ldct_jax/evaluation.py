@@ -221,7 +221,12 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int) -> d
   if classical:
     predictors[classical] = lambda ld: classical_denoise(ld, classical)
   split = config.eval.get("split", "test")
-  report = evaluate_volumes(dataset.split(split), predictors, windows,
+  volumes = dataset.split(split)
+  if not volumes:
+    raise ValueError(f"eval split {split!r} has no patients (splits: "
+                     f"{ {k: len(v) for k, v in dataset.splits.items()} }); use more patients "
+                     "or --config.eval.split=all")
+  report = evaluate_volumes(volumes, predictors, windows,
                             max_slices=config.eval.get("max_slices") or None, keep_images=True)
   report = {"conventions": conventions(windows), "split": split,
             "data_root": str(dataset.root), "model": method.description,

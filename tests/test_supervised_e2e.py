@@ -14,7 +14,7 @@ from ldct_jax.data import builtin, dicom
 from ldct_jax.train.loop import restore_stage_state
 from ldct_jax.methods import build_method
 
-TINY_DATA = dict(num_patients=4, num_slices=4, size=64, seed=2)
+TINY_DATA = dict(num_patients=6, num_slices=4, size=64, seed=2)
 
 
 def tiny_config(cache_dir, **train):

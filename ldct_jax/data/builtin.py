@@ -14,7 +14,9 @@ and feeds it through the same DICOM reader as real data:
    ``<root>/<patient>/full_1mm/*.IMA`` and ``<root>/<patient>/quarter_1mm/*.IMA``.
 
 Next to the DICOM tree, ``dataset.json`` records how it was made (spec and
-versions), ``lesions.json`` the lesion boxes per slice (for detection-aware
+versions), ``splits.json`` a patient split stratified by body region (so the
+held-out patients include every region; loaders use it unless told
+otherwise), ``lesions.json`` the lesion boxes per slice (for detection-aware
 methods), and ``ground_truth/<patient>.npy`` the noise-free phantom (for noise
 statistics: real data has no such thing, the simulation does).
 
@@ -39,10 +41,11 @@ import jax
 import numpy as np
 
 from ldct_jax.data import dicom, phantoms
+from ldct_jax.data.pipeline import save_split_file, split_patients
 from ldct_jax.physics import ct
 
 # Bump when the generator changes in a way that changes the images.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +60,13 @@ class BuiltinSpec:
   regions: Sequence[str] = ("abdomen", "chest")
   fov_mm: float = 350.0
   slice_thickness_mm: float = 1.0
-  # Full-dose photons per detector bin; calibrated so the full-dose image has
-  # ~10-15 HU and the quarter-dose image ~20-30 HU noise in soft tissue, as in
-  # the Mayo data at 1 mm (see tests/test_builtin.py).
-  incident_flux: float = 1e6
+  # Full-dose photons per detector bin (bins are 1.37 mm at 256^2, ~2x a
+  # clinical scanner's, so this is ~2.5e5 per clinical bin: inside Zeng et
+  # al.'s 1e5-1e6). Calibrated on the published task difficulty: quarter- vs
+  # full-dose PSNR in the abdomen window [-160, 240] HU is 27-29 dB on the
+  # abdomen phantoms, as on the Mayo abdomen scans (29.1 dB in ldct-benchmark,
+  # 26.1 dB over the RED-CNN papers' test set); see tests/test_builtin.py.
+  incident_flux: float = 5e5
   electronic_noise_std: float = float(np.sqrt(11.0))
 
   @classmethod
@@ -152,6 +158,25 @@ def _generate(spec: BuiltinSpec, out: pathlib.Path) -> None:
                     for l in volume.lesions]}
   with open(out / "lesions.json", "w") as f:
     json.dump(lesions, f, indent=1)
+  save_split_file(out / "splits.json", stratified_split(spec),
+                  metadata={"stratified_by": "region", "fractions": list(SPLIT_FRACTIONS)})
+
+
+# Patient-level train/val/test fractions of the shipped split.
+SPLIT_FRACTIONS = (0.5, 0.25, 0.25)
+
+
+def stratified_split(spec: BuiltinSpec) -> dict:
+  """Splits each region's patients by ``SPLIT_FRACTIONS`` and merges the splits."""
+  by_region = {}
+  for index, patient_id in enumerate(spec.patient_ids()):
+    by_region.setdefault(spec.regions[index % len(spec.regions)], []).append(patient_id)
+  merged = {"train": [], "val": [], "test": []}
+  for region_index, ids in enumerate(sorted(by_region.values())):
+    part = split_patients(ids, SPLIT_FRACTIONS, spec.seed + region_index)
+    for name in merged:
+      merged[name] += part[name]
+  return {name: sorted(ids) for name, ids in merged.items()}
 
 
 def load_ground_truth(root, patient_id: str) -> Optional[np.ndarray]:

@@ -83,11 +83,15 @@ def load_dataset(data_cfg) -> CTDataset:
     patient_of[key] = pair.patient_id
   ids = sorted(set(patient_of.values()))
   split_cfg = data_cfg.get("split", {})
-  if split_cfg.get("file"):
-    splits = load_split_file(split_cfg.file)
+  split_file = split_cfg.get("file", "auto")
+  if split_file == "auto":  # a split list shipped with the data, else fractions
+    shipped = root / "splits.json"
+    split_file = str(shipped) if shipped.exists() and not wanted else ""
+  if split_file:
+    splits = load_split_file(split_file)
     unknown = sorted(set(sum(splits.values(), [])) - set(ids))
     if unknown:
-      raise ValueError(f"split file {split_cfg.file} names patients not under {root}: {unknown}")
+      raise ValueError(f"split file {split_file} names patients not under {root}: {unknown}")
   else:
     splits = split_patients(ids, tuple(split_cfg.get("fractions", (0.6, 0.2, 0.2))),
                             int(split_cfg.get("seed", 0)))

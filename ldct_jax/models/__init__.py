@@ -13,6 +13,9 @@ MODELS = {
     "redcnn": ("ldct_jax.models.redcnn", "REDCNN"),
     "dncnn": ("ldct_jax.models.dncnn", "DnCNN"),
     "unet": ("ldct_jax.models.unet", "UNet"),
+    "gcn": ("ldct_jax.models.gcn", "GCNDenoiser"),
+    "gcn_local": ("ldct_jax.models.gcn", "LocalCNN"),
+    "noise_vae": ("ldct_jax.models.vae", "NoiseVAE"),
     "cpce2d": ("ldct_jax.models.cpce", "CPCE2D"),
     "cpce3d": ("ldct_jax.models.cpce", "CPCE3D"),
 }
