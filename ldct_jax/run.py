@@ -48,7 +48,10 @@ def prepare_workdir(config, workdir: str) -> None:
   new config is stored beside the old one.
   """
   os.makedirs(workdir, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
+  # Persistent XLA cache: a rerun (resume, eval) skips compilation. Runs can
+  # share one cache through $LDCT_JAX_COMPILATION_CACHE.
+  cache = os.environ.get("LDCT_JAX_COMPILATION_CACHE") or os.path.join(workdir, ".jax_cache")
+  jax.config.update("jax_compilation_cache_dir", cache)
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2, sort_keys=True)
@@ -100,15 +103,33 @@ def evaluate(config, workdir: str, *, checkpoint: str = "best", dataset=None,
   _require_trained(workdir)
   dataset = dataset or load_dataset(config.data)
   method = method or build_method(config, dataset)
-  state, step = restore_stage_state(workdir, method.denoiser_stage, which=checkpoint,
-                                    seed=config.seed)
-  report = evaluation.run_evaluation(config, workdir, method, dataset, state, step)
+  states, step = restore_all_stages(config, workdir, method, checkpoint)
+  report = evaluation.run_evaluation(config, workdir, method, dataset,
+                                     states[method.denoiser_stage.name], step)
+  for name, make_report in method.extra_reports.items():
+    report[name] = make_report(states, dataset)
+    log(f"{name}:\n{report[name].get('markdown', report[name])}")
+  if method.extra_reports and jax.process_index() == 0:
+    evaluation.write_report(report, os.path.join(workdir, "eval", "metrics.json"))
   if jax.process_index() == 0:
     print(f"\nEvaluation on {report['split']} split ({report['num_slices']} slices), "
           f"checkpoint step {step}:\n{evaluation.format_table(report)}\n"
           f"Conventions: {report['conventions']['psnr_ssim']}; windows "
           f"{list(report['conventions']['windows'])}. Written to {workdir}/eval/", flush=True)
   return report
+
+
+def restore_all_stages(config, workdir: str, method, checkpoint: str = "best"):
+  """Every stage's trained state (earlier stages: final; the denoiser: ``checkpoint``).
+
+  Returns ``(states by stage name, step of the denoiser checkpoint)``.
+  """
+  states, step = {}, None
+  for stage in method.stages:
+    which = checkpoint if stage is method.denoiser_stage else "latest"
+    states[stage.name], step = restore_stage_state(workdir, stage, which=which,
+                                                    previous=states, seed=config.seed)
+  return states, step
 
 
 def denoise_series(config, workdir: str, input_dir: str, output_dir: str, *,
@@ -121,8 +142,8 @@ def denoise_series(config, workdir: str, input_dir: str, output_dir: str, *,
                      "choose a new folder (inputs are never written to)")
   series = dicom.read_series(src)
   method = build_method(config, None)
-  state, step = restore_stage_state(workdir, method.denoiser_stage, which=checkpoint,
-                                    seed=config.seed)
+  states, step = restore_all_stages(config, workdir, method, checkpoint)
+  state = states[method.denoiser_stage.name]
   normalization = Normalization.from_config(config.data.normalization)
   denoised = evaluation.denoise_volume(
       method.make_denoiser(state), series.hu, normalization, slab=method.input_slab,

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
 from ldct_jax.train.loop import Stage
 
 # name -> module defining ``build``; imported lazily.
 METHODS = {
     "supervised": "ldct_jax.methods.supervised",
+    "tddl": "ldct_jax.methods.tddl",
 }
 
 
@@ -29,12 +30,15 @@ class MethodSpec:
       denoised slices (NHWC). The state is the final stage's.
     input_slab: adjacent slices per input (1 for 2D models).
     description: one line naming the model, for DICOM SeriesDescription and reports.
+    extra_reports: name -> ``(states, dataset) -> dict``, run by ``--mode=eval``
+      with every stage's trained state (e.g. TDDL's noise fidelity check).
   """
 
   stages: List[Stage]
   make_denoiser: Callable[[Any], Callable]
   input_slab: int = 1
   description: str = ""
+  extra_reports: Dict[str, Callable] = dataclasses.field(default_factory=dict)
 
   @property
   def denoiser_stage(self) -> Stage:

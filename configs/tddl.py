@@ -1,0 +1,64 @@
+r"""TDDL (Chen et al., ISICDM 2020): VAE-learnt LDCT noise -> pseudo pairs -> GCN denoiser.
+
+The main job. Default (built-in data, 2-core CPU, about 15 min):
+  python -m ldct_jax.main --config=configs/tddl.py
+Stages: noise VAE on the LDCT of half the training patients (LDCT only), then
+a GCN denoiser (Chen et al., ICONIP 2020) on pseudo-LDCT made online from the
+NDCT of the other half, then evaluation on true test pairs plus a noise
+fidelity report (synthetic vs real LDCT noise, with Gaussian/Poisson baselines).
+Expected: the denoiser beats the LDCT input on the held-out patients (see README
+for the measured table); `experiments/tddl_ablation.py` compares noise sources.
+
+Variants:
+  :paper     paper-scale GCN (32 ch, 3 blocks, 16 neighbours, 49x49 search) and
+             long schedules; needs a GPU.
+  :redcnn    the same pipeline with a RED-CNN denoiser.
+  :gaussian / :poisson   the baselines TDDL argues against (no VAE stage).
+  :paired    noise and NDCT patients are the same (ablation).
+"""
+import ml_collections
+
+from ldct_jax.config import base_config
+
+
+def get_config(variant: str = ""):
+  config = base_config()
+  config.method = "tddl"
+  config.tddl = tddl = ml_collections.ConfigDict()
+  tddl.noise_source = "vae"    # 'vae' | 'gaussian' | 'poisson'
+  tddl.noise_fraction = 0.5    # share of training patients whose LDCT teaches the noise
+  tddl.paired = False          # True: the same patients give LDCT and NDCT (ablation)
+  tddl.noise_std_hu = 0.0      # baselines' noise std; 0 = estimate from the noise patients' LDCT
+  tddl.vae = ml_collections.ConfigDict(dict(
+      model=dict(latent_channels=16, features=16, num_down=1),
+      num_steps=600, batch_size=16, patch_size=64,
+      kl_warmup_steps=200, kl_weight=1.0, free_bits=0.0,
+      optim=dict(name="adam", lr=1e-3, schedule="cosine", end_lr_factor=0.1, grad_clip=1.0)))
+
+  # The denoiser: GCN sized for a 2-core CPU (the paper's is 32 ch, 3 blocks).
+  config.model = ml_collections.ConfigDict(dict(
+      name="gcn", features=16, num_blocks=2, k=8, search_window=11, rank=11))
+  config.data.update(dict(patch_size=32, batch_size=16))
+  config.optim.update(dict(lr=1e-3, schedule="cosine", end_lr_factor=0.05, grad_clip=1.0))
+  config.train.update(dict(num_steps=1500, log_every=50, eval_every=500, checkpoint_every=500))
+  config.eval.noise_max_slices = 8  # test slices per patient for the noise fidelity report
+
+  if variant == "paper":
+    config.model.update(dict(features=32, num_blocks=3, k=16, search_window=49))
+    config.data.update(dict(patch_size=64, batch_size=32))
+    config.tddl.vae.update(dict(num_steps=20_000, kl_warmup_steps=5_000))
+    config.tddl.vae.model.update(dict(features=32))
+    config.optim.update(dict(lr=1e-4, end_lr_factor=0.1))
+    config.train.update(dict(num_steps=100_000, eval_every=2000, checkpoint_every=2000))
+  elif variant == "redcnn":
+    config.model = ml_collections.ConfigDict(dict(name="redcnn", features=32, kernel_size=3,
+                                                  num_layers=5))
+    config.data.patch_size = 48
+  elif variant in ("gaussian", "poisson"):
+    config.tddl.noise_source = variant
+  elif variant == "paired":
+    config.tddl.paired = True
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/tddl.py "
+                     "(known: paper, redcnn, gaussian, poisson, paired)")
+  return config
