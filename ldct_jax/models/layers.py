@@ -186,14 +186,24 @@ def _dimension_numbers(rank: int) -> lax.ConvDimensionNumbers:
 
 
 def _tap_groups(kernel_size: Sequence[int], method: str) -> list:
-  """Kernel taps (multi-indices, row-major) split into one group per matmul."""
-  taps = list(itertools.product(*(range(k) for k in kernel_size)))
-  if method == "im2col":
-    return [taps]
-  if method == "rows":
-    row = kernel_size[-1]
-    return [taps[i:i + row] for i in range(0, len(taps), row)]
-  return [[tap] for tap in taps]
+  """Kernel taps split into one group per matmul, as fixed index prefixes.
+
+  A group is every tap whose leading indices equal the prefix, the trailing
+  axes running over their whole range: im2col has one group (the empty
+  prefix), 'rows' one per row of the leading axes, 'taps' one per tap.
+  Groups and the taps within them are in row-major order, the order of the
+  flattened kernel.
+  """
+  rank = len(kernel_size)
+  fixed = {"im2col": 0, "rows": rank - 1}.get(method, rank)
+  return list(itertools.product(*(range(k) for k in kernel_size[:fixed])))
+
+
+def _group_taps(prefix: Tuple[int, ...],
+                kernel_size: Sequence[int]) -> list:
+  """The taps (multi-indices, row-major) of the group with ``prefix``."""
+  return [prefix + rest for rest in itertools.product(
+      *(range(k) for k in kernel_size[len(prefix):]))]
 
 
 def _grouped(kernel: Array, groups: int) -> Array:
@@ -275,25 +285,41 @@ def _pad_spatial(x: Array, pads: Pads, interior: Sequence[int]) -> Array:
                  + ((0, 0, 0),))
 
 
-def _tap_patches(x_padded: Array, taps: Sequence[Sequence[int]],
-                 out_spatial: Sequence[int], strides: Sequence[int],
-                 dilation: Sequence[int]) -> Array:
-  """Stacks, per tap, the input pixels it meets: ``(n, *out, taps, in)``.
+def _tap_patches(x_padded: Array, prefix: Tuple[int, ...],
+                 kernel_size: Sequence[int], out_spatial: Sequence[int],
+                 strides: Sequence[int], dilation: Sequence[int]) -> Array:
+  """Stacks, per tap of a group, the input pixels it meets.
 
   Output pixel o meets padded-input pixel ``o * stride + tap * dilation``
-  (cross-correlation, as ``lax.conv_general_dilated``).
+  (cross-correlation, as ``lax.conv_general_dilated``). Returns ``(n, *out,
+  taps, in)`` for the taps of ``_group_taps(prefix, kernel_size)``.
+
+  The gather runs one spatial axis at a time, last axis first: slice the last
+  axis once per tap and stack, then slice the next axis of that
+  (``kernel_size[-1]`` times larger) array, and so on. Each stage copies
+  contiguous runs of ``taps-so-far * in`` values; on XLA CPU this is ~1.5x
+  faster than stacking all ``prod(kernel_size)`` slices of the input at once
+  (0.59 s against 0.87 s for a 16x64x64x96 input and a 5x5 kernel), and the
+  gather, as much as the matmul, sets these lowerings' speed.
   """
-  batch, channels = x_padded.shape[0], x_padded.shape[-1]
+  rank = len(kernel_size)
 
-  def tap_slice(tap):
-    start = (0,) + tuple(t * d for t, d in zip(tap, dilation)) + (0,)
-    limit = ((batch,)
-             + tuple(b + (n - 1) * s + 1
-                     for b, n, s in zip(start[1:-1], out_spatial, strides))
-             + (channels,))
-    return lax.slice(x_padded, start, limit, (1,) + tuple(strides) + (1,))
+  def axis_slice(x, axis, tap):
+    start = tap * dilation[axis]
+    return lax.slice_in_dim(x, start, start + (out_spatial[axis] - 1)
+                            * strides[axis] + 1, strides[axis], axis=1 + axis)
 
-  return jnp.stack([tap_slice(tap) for tap in taps], axis=-2)
+  x = x_padded
+  for axis, tap in enumerate(prefix):
+    x = axis_slice(x, axis, tap)
+  stacked = 0
+  for axis in reversed(range(len(prefix), rank)):
+    # New tap axis goes in front of the tap axes stacked so far: row-major.
+    x = jnp.stack([axis_slice(x, axis, tap)
+                   for tap in range(kernel_size[axis])],
+                  axis=x.ndim - 1 - stacked)
+    stacked += 1
+  return x.reshape(x.shape[:rank + 1] + (-1, x.shape[-1]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
@@ -320,12 +346,14 @@ def _conv_gather(x: Array, kernel: Array, strides: Tuple[int, ...],
                      f"dilation {dilation}")
   flat_kernel = kernel.reshape((-1,) + kernel.shape[rank:])
   out, first = None, 0
-  for taps in _tap_groups(kernel_size, method):
-    term = _patches_times_kernel(
-        _tap_patches(x_padded, taps, out_spatial, strides, dilation),
-        flat_kernel[first:first + len(taps)], groups, precision)
+  for prefix in _tap_groups(kernel_size, method):
+    patches = _tap_patches(x_padded, prefix, kernel_size, out_spatial, strides,
+                           dilation)
+    count = patches.shape[-2]
+    term = _patches_times_kernel(patches, flat_kernel[first:first + count],
+                                 groups, precision)
     out = term if out is None else out + term
-    first += len(taps)
+    first += count
   return out
 
 
@@ -345,9 +373,9 @@ def _conv_gather_bwd(strides, pads, dilation, groups, method, precision,
   out_spatial = dy.shape[1:-1]
   grads = [
       _patches_times_output(
-          _tap_patches(x_padded, taps, out_spatial, strides, dilation),
-          dy, groups, precision)
-      for taps in _tap_groups(kernel_size, method)]
+          _tap_patches(x_padded, prefix, kernel_size, out_spatial, strides,
+                       dilation), dy, groups, precision)
+      for prefix in _tap_groups(kernel_size, method)]
   grad_kernel = jnp.concatenate(grads, axis=0).reshape(kernel.shape)
   # Input gradient: correlate the stride-dilated output gradient with the
   # flipped kernel; pads chosen so the result covers exactly the unpadded x
@@ -427,8 +455,9 @@ def _conv_transpose_scatter(x: Array, kernel: Array, strides: Sequence[int],
   out, first = None, 0
   # Gathering is not involved here, so 'rows' has no meaning of its own and
   # maps to one product per tap.
-  for taps in _tap_groups(kernel_size, "im2col" if method == "im2col"
-                          else "taps"):
+  for prefix in _tap_groups(kernel_size, "im2col" if method == "im2col"
+                            else "taps"):
+    taps = _group_taps(prefix, kernel_size)
     products = _tap_products(x, flat_kernel[first:first + len(taps)], groups,
                              precision)
     for index, tap in enumerate(taps):
