@@ -19,7 +19,7 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -250,6 +250,66 @@ def compare_noise(candidate_noisy_hu, real_noisy_hu, reference_hu, pixel_size_mm
                         "counts_candidate": count_c, "frequencies": freqs,
                         "nps_candidate": nps_c, "nps_real": nps_r}
   return result
+
+
+# Columns of ``fidelity_markdown``: (metrics key, header, format).
+FIDELITY_COLUMNS = (
+    ("std_vs_hu_rel_error", "std-vs-HU rel. error", "{:.3f}"),
+    ("nps_rel_l2", "NPS rel. L2", "{:.3f}"),
+    ("nps_peak_freq_candidate", "NPS peak (mm^-1)", "{:.3f}"),
+    ("histogram_w1_hu", "W1 (HU)", "{:.2f}"),
+    ("noise_std_candidate_hu", "body std (HU)", "{:.1f}"),
+)
+
+
+def noise_fidelity_table(candidates: Mapping[str, object], real_noisy_hu, reference_hu,
+                         pixel_size_mm: float, **compare_kwargs) -> dict:
+  """``compare_noise`` of several candidate noisy image sets to one real set.
+
+  Every candidate is measured against the same real images, reference,
+  pixels and ROIs, so the rows of the table are comparable with each other
+  (e.g. NDCT + VAE noise against NDCT + matched Gaussian / image-Poisson
+  noise, all against real LDCT with the NDCT as reference).
+
+  Args:
+    candidates: name -> ``(N, H, W)`` candidate noisy images, HU.
+    real_noisy_hu: ``(N, H, W)`` real noisy images (e.g. LDCT), HU.
+    reference_hu: ``(N, H, W)`` shared reference (noise = image - reference).
+    pixel_size_mm: mm.
+    **compare_kwargs: forwarded to ``compare_noise`` (``roi``, ``bins``,
+      ``min_count``, ``return_curves``).
+
+  Returns:
+    ``{name: compare_noise(...) dict}`` in the order of ``candidates``; the
+    real set's own values are in every row (``nps_peak_freq_real``,
+    ``noise_std_real_hu``).
+  """
+  if not candidates:
+    raise ValueError("noise_fidelity_table needs at least one candidate")
+  real = _as_stack(real_noisy_hu, "real_noisy_hu")
+  reference = _as_stack(reference_hu, "reference_hu")
+  return {name: compare_noise(images, real, reference, pixel_size_mm, **compare_kwargs)
+          for name, images in candidates.items()}
+
+
+def fidelity_markdown(table: Mapping[str, Mapping[str, float]]) -> str:
+  """A markdown table of ``noise_fidelity_table``'s result, plus a "real" row.
+
+  The "real" row holds the real noise's own NPS peak and body std (its
+  distances are 0 by definition).
+  """
+  header = "| noise | " + " | ".join(title for _, title, _ in FIDELITY_COLUMNS) + " |"
+  lines = [header, "|" + "---|" * (len(FIDELITY_COLUMNS) + 1)]
+  for name, row in table.items():
+    cells = [fmt.format(row[key]) for key, _, fmt in FIDELITY_COLUMNS]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  any_row = next(iter(table.values()))
+  real = {"std_vs_hu_rel_error": 0.0, "nps_rel_l2": 0.0, "histogram_w1_hu": 0.0,
+          "nps_peak_freq_candidate": any_row["nps_peak_freq_real"],
+          "noise_std_candidate_hu": any_row["noise_std_real_hu"]}
+  lines.append("| real | " + " | ".join(fmt.format(real[key]) for key, _, fmt in FIDELITY_COLUMNS)
+               + " |")
+  return "\n".join(lines)
 
 
 def gaussian_noise_like(reference, std, rng) -> jax.Array:

@@ -106,3 +106,21 @@ def test_real_ct_noise_is_told_apart_from_matched_gaussian(simulated_ct):
   assert to_gaussian["nps_rel_l2"] > 2 * to_repeat["nps_rel_l2"]
   assert to_gaussian["nps_rel_l2"] > 0.4
   assert to_repeat["std_vs_hu_rel_error"] < to_gaussian["std_vs_hu_rel_error"]
+
+
+def test_noise_fidelity_table_rows_match_compare_noise(simulated_ct):
+  reference, (real, repeat), px = simulated_ct
+  std = float((real - reference)[ns.body_mask(reference)].std())
+  gaussian = reference + np.asarray(ns.gaussian_noise_like(reference, std, jax.random.PRNGKey(4)))
+  table = ns.noise_fidelity_table({"repeat": repeat, "gaussian": gaussian}, real, reference, px,
+                                  roi=16)
+  assert list(table) == ["repeat", "gaussian"]
+  assert table["gaussian"] == ns.compare_noise(gaussian, real, reference, px, roi=16)
+  # Ranks as the single comparisons do: the independent scan is closer.
+  assert table["repeat"]["nps_rel_l2"] < table["gaussian"]["nps_rel_l2"]
+  lines = ns.fidelity_markdown(table).splitlines()
+  assert len(lines) == 2 + 2 + 1  # header, rule, two candidates, real
+  assert lines[2].startswith("| repeat | ") and lines[-1].startswith("| real | 0.000 |")
+  assert f"{table['repeat']['nps_rel_l2']:.3f}" in lines[2]
+  with pytest.raises(ValueError):
+    ns.noise_fidelity_table({}, real, reference, px)
