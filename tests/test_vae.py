@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from ldct_jax import metrics
+from ldct_jax import noise_stats as ns
 from ldct_jax.data import phantoms
 from ldct_jax.models import vae
 from ldct_jax.physics import ct
@@ -70,14 +71,14 @@ def test_kl_weight_schedule():
 
 @pytest.fixture(scope="module")
 def trained():
-  """A tiny VAE after 40 Adam steps on correlated noise patches (16x16)."""
+  """A tiny VAE after 200 Adam steps on correlated noise patches (16x16)."""
   keys = jax.random.split(jax.random.PRNGKey(2), 3)
   noise = _correlated_noise(keys[0], (8, 16, 16, 1))
   condition = 0.25 + 0.02 * jax.random.uniform(keys[1], (8, 1, 1, 1)) * jnp.ones_like(noise)
   batch = {"noise": noise, "condition": condition}
   model = vae.NoiseVAE(**TINY)
   params = model.init(keys[2], noise, condition, keys[2], train=True)
-  optimizer = optax.adam(3e-3)
+  optimizer = optax.adam(1e-2)
   loss_fn = functools.partial(vae.elbo_loss, model=model)
 
   @jax.jit
@@ -89,9 +90,9 @@ def trained():
   opt_state = optimizer.init(params)
   eval_key = jax.random.PRNGKey(99)
   first = loss_fn(params, batch, eval_key, 1.0)[0]
-  for i in range(40):
+  for i in range(200):
     params, opt_state, _ = step(params, opt_state, jax.random.PRNGKey(i),
-                                vae.kl_weight_schedule(i, 20, 1.0))
+                                vae.kl_weight_schedule(i, 10, 1.0))
   last, metrics_ = loss_fn(params, batch, eval_key, 1.0)
   return model, params, batch, float(first), float(last), metrics_
 
@@ -141,3 +142,69 @@ def test_synthesize_adds_noise_to_ndct(trained):
   assert pseudo.shape == ndct.shape
   added = np.asarray(pseudo - ndct)
   assert 0.3 * float(jnp.std(batch["noise"])) < added.std() < 3.0 * float(jnp.std(batch["noise"]))
+
+
+def _radial_nps(noise_norm):
+  """Radial NPS (4 bins, unit pixels) of (B, 16, 16, 1) noise, in HU^2."""
+  return ns.radial_noise_nps(np.asarray(noise_norm)[..., 0] * 4096.0, 1.0, None, roi=16,
+                             num_bins=4)[1]
+
+
+def test_samples_have_the_training_noise_spectrum(trained):
+  # The collapse this guards against: all variance in a white residual,
+  # samples white noise. Trained on blurred (low-pass) noise, the samples'
+  # NPS shape must be closer to the data's than white noise of the data's
+  # variance. Shapes (NPS / its sum): the level is the business of
+  # test_samples_depend_on_key_and_have_data_std, and after 200 steps the
+  # samples are still ~0.6x the data's std.
+  model, params, batch, *_ = trained
+  condition = jnp.tile(batch["condition"], (4, 1, 1, 1))
+  samples = model.apply(params, condition, jax.random.PRNGKey(11), method=vae.NoiseVAE.sample)
+  data = _correlated_noise(jax.random.PRNGKey(12), samples.shape)
+  white = jnp.std(data) * jax.random.normal(jax.random.PRNGKey(13), samples.shape)
+  shape = lambda noise: _radial_nps(noise) / _radial_nps(noise).sum()
+  distance = lambda noise: np.linalg.norm(shape(noise) - shape(data)) / np.linalg.norm(shape(data))
+  assert distance(samples) < 0.5 * distance(white)
+  # Power where the blur passes it, little near Nyquist, as in the data.
+  nps = _radial_nps(samples)
+  assert nps[0] > 5.0 * nps[-1]
+
+
+def test_fixed_sigma_is_absolute_and_learned_sigma_is_a_parameter():
+  key = jax.random.PRNGKey(3)
+  z = jax.random.normal(key, (2, 8, 8, 4))
+  condition = jnp.concatenate([jnp.full((1, 16, 16, 1), 0.0), jnp.full((1, 16, 16, 1), 0.4)])
+  fixed = vae.NoiseVAE(**TINY, fixed_sigma=0.2)
+  params = fixed.init(key, z, condition, method=vae.NoiseVAE.likelihood)
+  assert "log_sigma" not in params["params"]
+  # Shift s(c) far from 1: the residual std must not follow it (a residual
+  # in units of the learnt s(c) let the model move the noise back into it).
+  inner = params["params"]
+  params = {"params": {**inner, "cond_log_scale": {**inner["cond_log_scale"],
+                                                   "bias": jnp.full((1,), 2.0)}}}
+  _, log_std = fixed.apply(params, z, condition, method=vae.NoiseVAE.likelihood)
+  np.testing.assert_allclose(np.exp(np.asarray(log_std)), 0.2 * fixed.noise_scale, rtol=1e-5)
+  learned = vae.NoiseVAE(**TINY, sigma_mode="learned")
+  params = learned.init(key, z, condition, method=vae.NoiseVAE.likelihood)
+  assert params["params"]["log_sigma"].shape == ()
+  with pytest.raises(ValueError):
+    vae.NoiseVAE(**TINY, sigma_mode="white").init(key, z, condition,
+                                                   method=vae.NoiseVAE.likelihood)
+
+
+def test_linear_decoder_is_linear_in_z():
+  # Linear in z for a fixed condition makes p(noise | c) exactly Gaussian
+  # with covariance A(c) A(c)^T + sigma^2 I: prior samples carry the
+  # covariance the ELBO fitted, with no "holes" between posterior codes.
+  keys = jax.random.split(jax.random.PRNGKey(4), 3)
+  z1, z2 = (jax.random.normal(k, (1, 8, 8, 4)) for k in keys[:2])
+  condition = 0.25 + 0.05 * jax.random.normal(keys[2], (1, 16, 16, 1))
+  for linear in (True, False):
+    model = vae.NoiseVAE(**TINY, linear_decoder=linear)
+    params = model.init(keys[0], z1, condition, method=vae.NoiseVAE.decode)
+    decode = functools.partial(model.apply, params, condition=condition,
+                               method=vae.NoiseVAE.decode)
+    combined = decode(2.0 * z1 - 0.5 * z2)
+    superposed = 2.0 * decode(z1) - 0.5 * decode(z2)
+    error = float(jnp.max(jnp.abs(combined - superposed)) / jnp.max(jnp.abs(combined)))
+    assert (error < 1e-4) == linear

@@ -37,25 +37,47 @@ estimate, the median absolute difference of horizontally adjacent body pixels
 below ``body_threshold``) are left out of the estimate: their noise is lower
 and would dominate it in a mostly-air image.
 
-The VAE's output distribution: ``p(n | z, c) = N(s(c) g(z, c), (s(c) sigma)^2)``
+The VAE's output distribution: ``p(n | z, c) = N(s(c) g(z, c), sigma^2)``
 per pixel, with ``g`` the decoder, ``s(c) = noise_scale exp(h(c))`` a local
-noise scale computed from the condition only, and ``sigma`` one learnt scalar
-(the sigma-VAE of Rybkin et al., ICML 2021: the optimal ``sigma`` is the
-reconstruction RMS, which keeps the reconstruction/KL balance calibrated
-without a hand-set weight). Against posterior collapse ("learns a blur"):
+noise scale computed from the condition only (so the noise level follows
+attenuation), and ``sigma`` the white residual.
 
-* the condition has no additive path to the output: it only scales the noise
-  (``s(c)``) and multiplies decoder features (FiLM without shift), so spatial
-  noise structure has to come from ``z``;
-* the residual term is white with one scalar ``sigma`` (in units of the local
-  scale), so a collapsed model (``z`` ignored) can only produce white noise;
-  any spatial correlation in the data is worth encoding in ``z``;
-* the KL weight is annealed from 0 (``kl_weight_schedule``) and optional free
-  bits keep a floor of KL per latent channel;
-* ``sample`` draws from the full model, ``s(c) (g(z, c) + sigma eps)``, not
-  from the decoder mean, so samples have the data's variance whichever part
-  of the model carries it. Tests check that samples from different keys
-  differ with a per-pixel std close to the data's.
+Why ``sigma`` is fixed (``sigma_mode='fixed'``, the default). The first
+version learnt ``sigma`` (the sigma-VAE of Rybkin et al., ICML 2021) and
+collapsed on the built-in noise: in the linear-Gaussian view ``n = A z +
+eps``, ``eps ~ N(0, sigma^2 I)``, maximum likelihood may put all the
+variance in ``sigma`` (white), KL -> 0, ``z`` unused, samples white noise.
+With ``sigma`` fixed well below the noise, the ELBO optimum needs ``A A^T ~
+Sigma_n - sigma^2 I``: the decoder becomes the colouring filter of the noise
+(FBP noise is filtered white sinogram noise) and prior samples are correlated
+like the data. ``sigma = fixed_sigma * noise_scale`` is absolute, NOT in
+units of the learnt ``s(c)``: tied to ``s(c)`` it was not fixed at all --
+the model inflated ``s(c)`` ~15x and the "fixed" residual carried the noise
+again (25 HU residual std, decoder 14 HU reconstruction error, on 16 HU
+noise). ``fixed_sigma = 0.3`` (4.8 HU) rather than 0.1: both reconstruct, but
+at 0.1 the KL is ~3x higher (4 vs 1.5 nats/pixel) and the prior samples
+reach the data's level more slowly (sample/data std after 200 steps on the
+built-in LDCT patches: 0.55 at 0.1 with lr 2e-3, 0.87 at 0.3 with lr 3e-3;
+on the tiny test problem at one lr, 0.41 vs 0.52 after 100 steps). ``'learned'`` keeps the
+old behaviour for comparison.
+
+Why the decoder is linear in ``z`` (``linear_decoder=True``): for a fixed
+condition ``p(n | c)`` is then exactly Gaussian with covariance ``A(c) A(c)^T
++ sigma^2 I``, so prior samples carry the covariance the ELBO fitted, with no
+"holes" between posterior codes; FBP noise, a sum over many rays, is close to
+Gaussian, so nothing is lost. The condition still enters the decoder through
+``s(c)`` and a multiplicative FiLM (no shift), so it never adds signal and
+spatial noise structure has to come from ``z``.
+
+Other guards: the KL weight may be annealed from 0 (``kl_weight_schedule``;
+with a fixed ``sigma`` collapse is impossible and no warm-up trained best) and
+optional free bits keep a floor of KL per latent channel; ``sample`` draws
+from the full model, ``s(c) g(z, c) + sigma eps``.
+
+Known limitation (measured): prior samples are under-dispersed early in
+training -- the posterior codes start wider than the prior and the KL pulls
+them in slowly -- so sample std approaches the data's over a few hundred
+steps (tests and ``experiments/tddl_noise_check.py`` print both).
 
 The decoder upsamples by nearest-neighbour repetition followed by a 3x3 conv
 rather than a strided transposed conv: transposed convs leave checkerboard
@@ -81,6 +103,7 @@ Array = jax.Array
 BODY_THRESHOLD = (-900.0 + 1024.0) / 4096.0
 # Gaussian consistency constant of the median absolute deviation.
 _MAD_TO_STD = 1.4826
+SIGMA_MODES = ("fixed", "learned")
 
 
 def _check_nhwc1(x: Array, name: str) -> None:
@@ -217,6 +240,12 @@ class NoiseVAE(nn.Module):
     ~0 HU, water).
     condition_scale: factor applied to the condition after the offset (4:
       1 unit per 1024 HU).
+    sigma_mode: ``'fixed'`` (residual std ``fixed_sigma * noise_scale``) or
+      ``'learned'`` (one learnt scalar in units of ``s(c)``, the old
+      sigma-VAE, which collapses on CT noise); see the module docstring.
+    fixed_sigma: residual std in units of ``noise_scale`` for ``'fixed'``.
+    linear_decoder: no nonlinearity on the ``z`` path of the decoder, so
+      ``p(noise | c)`` is Gaussian (see the module docstring).
     conv_lowering: conv lowering passed to every conv (see ``layers``).
   """
 
@@ -226,6 +255,9 @@ class NoiseVAE(nn.Module):
   noise_scale: float = 16.0 / 4096.0
   condition_offset: float = 0.25
   condition_scale: float = 4.0
+  sigma_mode: str = "fixed"
+  fixed_sigma: float = 0.3
+  linear_decoder: bool = True
   conv_lowering: str = "auto"
 
   def setup(self):
@@ -233,7 +265,11 @@ class NoiseVAE(nn.Module):
     feats = self.features
     self.enc_in = conv(feats, (3, 3))
     self.enc_down = [conv(feats, (3, 3), strides=2) for _ in range(self.num_down)]
-    self.enc_stats = conv(2 * self.latent_channels, (1, 1))
+    # A 3x3 conv and 3x3 statistics after the last downsampling (a 7x7
+    # receptive field at full resolution): the posterior mean of a coloured
+    # noise is a deconvolution of it, wider than one 3x3 conv.
+    self.enc_mid = conv(feats, (3, 3))
+    self.enc_stats = conv(2 * self.latent_channels, (3, 3))
     self.cond_net = [conv(feats, (3, 3)), conv(feats, (3, 3))]
     # Starting at zero makes the initial local scale noise_scale everywhere
     # and the initial FiLM the identity.
@@ -243,8 +279,13 @@ class NoiseVAE(nn.Module):
     self.dec_up = [conv(feats, (3, 3)) for _ in range(self.num_down)]
     self.dec_mix = conv(feats, (3, 3))
     self.dec_out = conv(1, (3, 3))
-    # log sigma of the white residual, in units of the local scale s(c).
-    self.log_sigma = self.param("log_sigma", nn.initializers.constant(math.log(0.1)), ())
+    if self.sigma_mode not in SIGMA_MODES:
+      raise ValueError(f"sigma_mode must be one of {SIGMA_MODES}, got {self.sigma_mode!r}")
+    if not self.fixed_sigma > 0:
+      raise ValueError(f"fixed_sigma must be positive, got {self.fixed_sigma}")
+    if self.sigma_mode == "learned":
+      # log sigma of the white residual, in units of the local scale s(c).
+      self.log_sigma = self.param("log_sigma", nn.initializers.constant(math.log(0.1)), ())
 
   @property
   def stride(self) -> int:
@@ -281,6 +322,7 @@ class NoiseVAE(nn.Module):
     h = nn.relu(self.enc_in(h))
     for layer in self.enc_down:
       h = nn.relu(layer(h))
+    h = nn.relu(self.enc_mid(h))
     mean, logvar = jnp.split(self.enc_stats(h), 2, axis=-1)
     # Bounded log-variance: exp overflow or a zero-variance posterior would
     # make the KL infinite early in training.
@@ -299,13 +341,14 @@ class NoiseVAE(nn.Module):
     """
     self._check_size(condition, "condition")
     cond = self._condition_features(condition)
-    h = nn.relu(self.dec_in(z))
+    act = (lambda x: x) if self.linear_decoder else nn.relu
+    h = act(self.dec_in(z))
     for layer in self.dec_up:
       h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-      h = nn.relu(layer(h))
+      h = act(layer(h))
     # FiLM without shift: the condition modulates texture, never adds signal.
     h = h * (1.0 + self.cond_film(cond))
-    h = nn.relu(self.dec_mix(h))
+    h = act(self.dec_mix(h))
     # Bounded to noise_scale x [e^-3, e^3] (0.8 to 320 HU by default): an
     # unbounded exp let one bad step blow the scale up by orders of magnitude.
     log_scale = (math.log(self.noise_scale)
@@ -313,8 +356,14 @@ class NoiseVAE(nn.Module):
     mean = jnp.exp(log_scale) * self.dec_out(h)
     # Floor at 1% of the local scale so the NLL cannot run to -inf on a
     # perfectly reconstructed batch.
-    log_sigma = jnp.maximum(self.log_sigma, math.log(0.01))
-    return mean, log_scale + log_sigma
+    if self.sigma_mode == "fixed":
+      # Absolute, not in units of s(c): a residual tied to the learnt s(c)
+      # is not fixed at all -- the model inflated s(c) ~15x and let the
+      # "fixed" residual carry the noise again (sigma 25 HU, recon 14 HU).
+      log_std = jnp.full_like(mean, math.log(self.fixed_sigma * self.noise_scale))
+    else:
+      log_std = log_scale + jnp.maximum(self.log_sigma, math.log(0.01))
+    return mean, log_std
 
   def decode(self, z: Array, condition: Array) -> Array:
     """Decoder mean ``s(c) g(z, c)``: the z-driven part of the noise.
@@ -455,7 +504,7 @@ def kl_weight_schedule(step, warmup_steps: int, final_weight: float = 1.0):
 
 def synthesize(params, ndct_norm: Array, rng: Array, *, model: NoiseVAE,
                temperature: float = 1.0, smooth_condition: bool = True,
-               **extract_kwargs) -> Array:
+               noise_gain: float = 1.0, **extract_kwargs) -> Array:
   """Pseudo-LDCT images: NDCT + noise sampled from the VAE.
 
   Args:
@@ -467,6 +516,10 @@ def synthesize(params, ndct_norm: Array, rng: Array, *, model: NoiseVAE,
     smooth_condition: condition on the NDCT's structure estimate
       (``extract_noise``), as in training, rather than on the NDCT itself,
       whose own noise the VAE never saw in its condition.
+    noise_gain: factor on the sampled noise. The VAE learns the whole LDCT
+      noise, but the NDCT already carries its own; with noise variance
+      inversely proportional to dose, ``sqrt(1 - dose_LD / dose_ND)`` (0.866
+      for quarter dose) gives the pseudo-LDCT the LDCT's total variance.
     **extract_kwargs: forwarded to ``extract_noise`` for the condition.
 
   Returns:
@@ -477,4 +530,4 @@ def synthesize(params, ndct_norm: Array, rng: Array, *, model: NoiseVAE,
   condition = (extract_noise(ndct_norm, **extract_kwargs)[1] if smooth_condition
                else ndct_norm)
   noise = model.apply(params, condition, rng, temperature, method=NoiseVAE.sample)
-  return ndct_norm + noise
+  return ndct_norm + noise_gain * noise
