@@ -6,3 +6,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("LDCT_JAX_COMPILATION_CACHE",
                       os.path.join(tempfile.gettempdir(), "ldct_jax_test_xla_cache"))
+
+
+import pytest  # noqa: E402
+
+# One tiny built-in dataset (Mayo-layout DICOM, 3 abdomen + 3 chest patients)
+# shared by the end-to-end tests; generated once per test session.
+TINY_BUILTIN = dict(num_patients=6, num_slices=4, size=64, seed=2)
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+  """Cache folder holding the tiny built-in dataset (``data.cache_dir``)."""
+  from ldct_jax.data import builtin
+  cache = tmp_path_factory.mktemp("builtin_cache")
+  builtin.ensure_builtin_dataset(builtin.BuiltinSpec(**TINY_BUILTIN), cache, verbose=False)
+  return cache

@@ -14,7 +14,7 @@ from ldct_jax.data import builtin, dicom
 from ldct_jax.train.loop import restore_stage_state
 from ldct_jax.methods import build_method
 
-TINY_DATA = dict(num_patients=6, num_slices=4, size=64, seed=2)
+from conftest import TINY_BUILTIN as TINY_DATA
 
 
 def tiny_config(cache_dir, **train):
@@ -30,14 +30,9 @@ def tiny_config(cache_dir, **train):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def trained(cache, tmp_path_factory):
+def trained(builtin_cache, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  report = run.train_and_evaluate(tiny_config(cache), workdir)
+  report = run.train_and_evaluate(tiny_config(builtin_cache), workdir)
   return workdir, report
 
 
@@ -58,11 +53,11 @@ def test_training_writes_logs_checkpoints_and_a_stated_metrics_report(trained):
   assert any(p.endswith("_abdomen.png") for p in panels)
 
 
-def test_stop_and_resume_reaches_the_same_parameters(cache, trained, tmp_path):
-  config = tiny_config(cache)
+def test_stop_and_resume_reaches_the_same_parameters(builtin_cache, trained, tmp_path):
+  config = tiny_config(builtin_cache)
   config.eval.after_training = False
   workdir = str(tmp_path / "resumed")
-  stopped = tiny_config(cache, stop_at=3)
+  stopped = tiny_config(builtin_cache, stop_at=3)
   stopped.eval.after_training = False
   assert run.train_and_evaluate(stopped, workdir) is None
   run.train_and_evaluate(config, workdir)
@@ -74,10 +69,12 @@ def test_stop_and_resume_reaches_the_same_parameters(cache, trained, tmp_path):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
-def test_denoise_writes_a_new_series_and_never_touches_inputs(cache, trained, tmp_path):
+def test_denoise_writes_a_new_series_and_never_touches_inputs(builtin_cache, trained,
+                                                             tmp_path):
   workdir, _ = trained
-  config = tiny_config(cache)
-  root = builtin.builtin_root(builtin.BuiltinSpec.from_config(config.data.builtin), cache)
+  config = tiny_config(builtin_cache)
+  spec = builtin.BuiltinSpec.from_config(config.data.builtin)
+  root = builtin.builtin_root(spec, builtin_cache)
   source = root / "SIM001" / "quarter_1mm"
   before = {p: p.stat().st_mtime_ns for p in source.iterdir()}
   out = tmp_path / "denoised"
@@ -96,9 +93,9 @@ def test_denoise_writes_a_new_series_and_never_touches_inputs(cache, trained, tm
   assert {p: p.stat().st_mtime_ns for p in source.iterdir()} == before
 
 
-def test_cli_trains_and_evaluates_with_overrides(cache, tmp_path):
+def test_cli_trains_and_evaluates_with_overrides(builtin_cache, tmp_path):
   workdir = tmp_path / "cli"
-  overrides = [f"--config.data.cache_dir={cache}", "--config.data.patch_size=32",
+  overrides = [f"--config.data.cache_dir={builtin_cache}", "--config.data.patch_size=32",
                "--config.data.batch_size=4", "--config.model.features=4",
                "--config.model.kernel_size=3", "--config.model.num_layers=2",
                "--config.train.num_steps=2", "--config.train.eval_every=2",

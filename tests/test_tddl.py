@@ -11,7 +11,7 @@ from ldct_jax import run
 from ldct_jax.methods import build_method, tddl
 from ldct_jax.train.loop import restore_stage_state
 
-TINY_DATA = dict(num_patients=6, num_slices=4, size=64, seed=3)
+from conftest import TINY_BUILTIN as TINY_DATA
 
 
 def tiny_config(cache_dir, variant="", **train):
@@ -19,7 +19,7 @@ def tiny_config(cache_dir, variant="", **train):
   config.data.cache_dir = str(cache_dir)
   config.data.builtin.update(TINY_DATA)
   config.data.update(dict(patch_size=32, batch_size=4))
-  config.tddl.vae.update(dict(num_steps=3, batch_size=4, patch_size=32, kl_warmup_steps=2))
+  config.tddl.vae.update(dict(num_steps=3, batch_size=4, patch_size=32))
   config.tddl.vae.model.update(dict(latent_channels=2, features=4))
   config.model.update(dict(features=4, num_blocks=1, k=4, search_window=7))
   config.train.update(dict(num_steps=4, log_every=1, eval_every=2, checkpoint_every=2,
@@ -30,14 +30,9 @@ def tiny_config(cache_dir, variant="", **train):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(cache, tmp_path_factory):
+def uninterrupted(builtin_cache, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tddl"))
-  return workdir, run.train_and_evaluate(tiny_config(cache), workdir)
+  return workdir, run.train_and_evaluate(tiny_config(builtin_cache), workdir)
 
 
 def test_partition_is_disjoint_unless_paired():
@@ -60,12 +55,13 @@ def test_pipeline_runs_all_stages_and_reports_noise_fidelity(uninterrupted):
   assert report["model"].startswith("TDDL (vae noise) + gcn")
 
 
-def test_resume_inside_denoiser_keeps_noise_model_and_matches(cache, uninterrupted, tmp_path):
-  stopped = tiny_config(cache, stop_at=3 + 2)  # 3 VAE steps, then 2 denoiser steps
+def test_resume_inside_denoiser_keeps_noise_model_and_matches(builtin_cache, uninterrupted,
+                                                             tmp_path):
+  stopped = tiny_config(builtin_cache, stop_at=3 + 2)  # 3 VAE steps, then 2 denoiser steps
   stopped.eval.after_training = False
   assert run.train_and_evaluate(stopped, str(tmp_path)) is None
   vae_done = os.path.getmtime(tmp_path / "checkpoints" / "noise_model" / "COMPLETED")
-  resumed = tiny_config(cache)
+  resumed = tiny_config(builtin_cache)
   resumed.eval.after_training = False
   run.train_and_evaluate(resumed, str(tmp_path))
   assert os.path.getmtime(tmp_path / "checkpoints" / "noise_model" / "COMPLETED") == vae_done
@@ -81,10 +77,10 @@ def test_resume_inside_denoiser_keeps_noise_model_and_matches(cache, uninterrupt
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
-def test_baseline_noise_sources_skip_the_vae_and_add_matched_noise(cache):
+def test_baseline_noise_sources_skip_the_vae_and_add_matched_noise(builtin_cache):
   from ldct_jax.data.datasets import load_dataset
   from ldct_jax.data.pipeline import Normalization
-  config = tiny_config(cache, "gaussian")
+  config = tiny_config(builtin_cache, "gaussian")
   method = build_method(config, load_dataset(config.data))
   assert [s.name for s in method.stages] == ["denoiser"]
   norm = Normalization()

@@ -62,20 +62,22 @@ def partition_train_patients(train_ids, noise_fraction: float, paired: bool):
   return ids[:cut], ids[cut:]
 
 
-def estimate_noise_level_hu(volumes, normalization: Normalization, max_slices: int = 8) -> float:
+def estimate_noise_level_hu(volumes, normalization: Normalization, max_slices: int = 8,
+                            range_factor: float = 5.0) -> float:
   """Body noise std (HU) of LDCT from LDCT alone, via the VAE's noise extraction."""
   stds = []
   for volume in volumes:
     ld = volume.arrays["ld"]
     pick = np.linspace(0, ld.shape[0] - 1, min(max_slices, ld.shape[0])).round().astype(int)
     x = jnp.asarray(normalization.normalize(ld[pick]))[..., None]
-    noise, _ = vae_lib.extract_noise(x)
+    noise, _ = vae_lib.extract_noise(x, range_factor=range_factor)
     body = np.asarray(x[..., 0]) > float(normalization.normalize(-900.0))
     stds.append(float(np.std(np.asarray(noise[..., 0])[body])) * normalization.scale)
   return float(np.mean(stds))
 
 
-def make_noise_fn(source: str, normalization: Normalization, noise_std_hu: float, vae_model=None):
+def make_noise_fn(source: str, normalization: Normalization, noise_std_hu: float, vae_model=None,
+                  *, noise_gain: float = 1.0, range_factor: float = 5.0):
   """``(aux, nd_norm, rng) -> pseudo_ld_norm`` for a batch (NHWC or NDHWC slabs).
 
   ``aux`` holds the frozen VAE parameters for 'vae' (a jit argument, not a
@@ -92,7 +94,8 @@ def make_noise_fn(source: str, normalization: Normalization, noise_std_hu: float
 
   if source == "vae":
     def add(aux, nd, rng):
-      return per_slice(lambda x, r: vae_lib.synthesize(aux, x, r, model=vae_model), nd, rng)
+      return per_slice(lambda x, r: vae_lib.synthesize(
+          aux, x, r, model=vae_model, noise_gain=noise_gain, range_factor=range_factor), nd, rng)
   elif source == "gaussian":
     def add(aux, nd, rng):
       del aux
@@ -120,6 +123,7 @@ def build(config, dataset) -> MethodSpec:
 
   cfg = config.tddl
   source = cfg.noise_source
+  range_factor = float(cfg.range_factor)
   normalization = Normalization.from_config(config.data.normalization)
   slab = int(config.data.get("slab", 1))
   denoiser = models.get_model(config.model)
@@ -149,7 +153,7 @@ def build(config, dataset) -> MethodSpec:
     return train_state.TrainState.create(apply_fn=vae_model.apply, params=params, tx=vae_tx)
 
   def vae_step(state, batch, rng):
-    vae_batch = vae_lib.noise_batch(batch["ld"])
+    vae_batch = vae_lib.noise_batch(batch["ld"], range_factor=range_factor)
     kl_weight = vae_lib.kl_weight_schedule(state.step, int(cfg.vae.kl_warmup_steps),
                                            float(cfg.vae.kl_weight))
     loss_fn = functools.partial(vae_lib.elbo_loss, model=vae_model,
@@ -173,8 +177,10 @@ def build(config, dataset) -> MethodSpec:
   # ---- stages 2+3: online synthesis + denoiser on pseudo pairs ----
   noise_std_hu = float(cfg.get("noise_std_hu", 0.0))
   if source != "vae" and noise_std_hu <= 0 and dataset is not None:
-    noise_std_hu = estimate_noise_level_hu(volumes(noise_ids, "ld"), normalization)
-  add_noise = make_noise_fn(source, normalization, noise_std_hu, vae_model)
+    noise_std_hu = cfg.noise_gain * estimate_noise_level_hu(
+        volumes(noise_ids, "ld"), normalization, range_factor=range_factor)
+  add_noise = make_noise_fn(source, normalization, noise_std_hu, vae_model,
+                            noise_gain=float(cfg.noise_gain), range_factor=range_factor)
   loss_fn = supervised.make_loss_fn(config.loss)
   tx = make_optimizer(config.optim, config.train.num_steps)
   paired_step = supervised.make_train_step(denoiser, loss_fn)
