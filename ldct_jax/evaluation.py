@@ -28,6 +28,13 @@ from ldct_jax.windows import apply_window, get_window
 IMAGE_METRICS = ("psnr", "ssim")
 
 
+def spread_slices(depth: int, max_slices: Optional[int]) -> np.ndarray:
+  """Indices of at most ``max_slices`` slices evenly spread over ``depth`` (all if falsy)."""
+  if not max_slices or depth <= max_slices:
+    return np.arange(depth)
+  return np.linspace(0, depth - 1, max_slices).round().astype(int)
+
+
 def denoise_volume(denoise_fn: Callable, ld_hu: np.ndarray, normalization: Normalization,
                    *, slab: int = 1, batch_size: int = 8) -> np.ndarray:
   """Denoises every slice of a (D, H, W) HU volume; returns (D, H, W) HU float32.
@@ -121,9 +128,8 @@ def evaluate_volumes(volumes: Sequence[Volume], predictors: Dict[str, Callable],
   total = 0
   for volume in volumes:
     ld, nd = volume.arrays["ld"], volume.arrays["nd"]
-    if max_slices and ld.shape[0] > max_slices:
-      pick = np.linspace(0, ld.shape[0] - 1, max_slices).round().astype(int)
-      ld, nd = ld[pick], nd[pick]
+    pick = spread_slices(ld.shape[0], max_slices)
+    ld, nd = ld[pick], nd[pick]
     total += ld.shape[0]
     outputs = {"ldct": ld, **{name: fn(ld) for name, fn in predictors.items()}}
     patients[volume.patient_id] = {}
@@ -209,8 +215,13 @@ def format_table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def run_evaluation(config, workdir: str, method, dataset, state, step: int) -> dict:
-  """``--mode=eval``: scores the model on ``config.eval.split`` and writes the results."""
+def run_evaluation(config, workdir: str, method, dataset, state, step: int,
+                   extra_reports: Optional[dict] = None) -> dict:
+  """``--mode=eval``: scores the model on ``config.eval.split`` and writes the results.
+
+  ``extra_reports`` (name -> dict, e.g. TDDL's noise fidelity) are stored in
+  the same ``metrics.json``.
+  """
   windows = list(config.eval.windows)
   normalization = Normalization.from_config(config.data.normalization)
   batch_size = int(config.eval.get("batch_size", 8))
@@ -230,7 +241,7 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int) -> d
                             max_slices=config.eval.get("max_slices") or None, keep_images=True)
   report = {"conventions": conventions(windows), "split": split,
             "data_root": str(dataset.root), "model": method.description,
-            "checkpoint_step": int(step), **report}
+            "checkpoint_step": int(step), **report, **(extra_reports or {})}
   out_dir = os.path.join(workdir, "eval")
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)

@@ -104,13 +104,12 @@ def evaluate(config, workdir: str, *, checkpoint: str = "best", dataset=None,
   dataset = dataset or load_dataset(config.data)
   method = method or build_method(config, dataset)
   states, step = restore_all_stages(config, workdir, method, checkpoint)
+  extra = {name: make_report(states, dataset)
+           for name, make_report in method.extra_reports.items()}
+  for name, value in extra.items():
+    log(f"{name}:\n{value.get('markdown', value)}")
   report = evaluation.run_evaluation(config, workdir, method, dataset,
-                                     states[method.denoiser_stage.name], step)
-  for name, make_report in method.extra_reports.items():
-    report[name] = make_report(states, dataset)
-    log(f"{name}:\n{report[name].get('markdown', report[name])}")
-  if method.extra_reports and jax.process_index() == 0:
-    evaluation.write_report(report, os.path.join(workdir, "eval", "metrics.json"))
+                                     states[method.denoiser_stage.name], step, extra)
   if jax.process_index() == 0:
     print(f"\nEvaluation on {report['split']} split ({report['num_slices']} slices), "
           f"checkpoint step {step}:\n{evaluation.format_table(report)}\n"

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax.training import train_state
 
 from ldct_jax import losses, models
+from ldct_jax.evaluation import make_validation_fn
 from ldct_jax.data.pipeline import Normalization, make_patch_dataset
 from ldct_jax.methods import MethodSpec
 from ldct_jax.train.loop import Stage
@@ -93,9 +94,6 @@ def make_denoiser(model):
 
 
 def build(config, dataset) -> MethodSpec:
-  # Deferred: evaluation imports methods' consumers, not the other way round.
-  from ldct_jax.evaluation import make_validation_fn
-
   model = models.get_model(config.model)
   loss_fn = make_loss_fn(config.loss)
   tx = make_optimizer(config.optim, config.train.num_steps)

@@ -42,6 +42,7 @@ import numpy as np
 from flax.training import train_state
 
 from ldct_jax import models, noise_stats
+from ldct_jax.evaluation import make_validation_fn, spread_slices
 from ldct_jax.data.pipeline import Normalization, Volume, make_patch_dataset
 from ldct_jax.methods import MethodSpec, supervised
 from ldct_jax.models import vae as vae_lib
@@ -68,8 +69,7 @@ def estimate_noise_level_hu(volumes, normalization: Normalization, max_slices: i
   stds = []
   for volume in volumes:
     ld = volume.arrays["ld"]
-    pick = np.linspace(0, ld.shape[0] - 1, min(max_slices, ld.shape[0])).round().astype(int)
-    x = jnp.asarray(normalization.normalize(ld[pick]))[..., None]
+    x = jnp.asarray(normalization.normalize(ld[spread_slices(ld.shape[0], max_slices)]))[..., None]
     noise, _ = vae_lib.extract_noise(x, range_factor=range_factor)
     body = np.asarray(x[..., 0]) > float(normalization.normalize(-900.0))
     stds.append(float(np.std(np.asarray(noise[..., 0])[body])) * normalization.scale)
@@ -119,8 +119,6 @@ class DenoiserState(supervised.TrainState):
 
 
 def build(config, dataset) -> MethodSpec:
-  from ldct_jax.evaluation import make_validation_fn  # deferred: evaluation imports methods
-
   cfg = config.tddl
   source = cfg.noise_source
   range_factor = float(cfg.range_factor)
@@ -234,8 +232,9 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
   image-domain Poisson noise are matched to the real std of LD - ND.
   """
   volumes = dataset.split("test")
-  nd = np.concatenate([v.arrays["nd"][_pick(v, max_slices)] for v in volumes])
-  ld = np.concatenate([v.arrays["ld"][_pick(v, max_slices)] for v in volumes])
+  picks = [spread_slices(v.num_slices, max_slices) for v in volumes]
+  nd = np.concatenate([v.arrays["nd"][pick] for v, pick in zip(volumes, picks)])
+  ld = np.concatenate([v.arrays["ld"][pick] for v, pick in zip(volumes, picks)])
   state = states["denoiser"]
   x = jnp.asarray(normalization.normalize(nd))[..., None]
   synth = jax.jit(add_noise)(state.noise_params, x, jax.random.PRNGKey(seed + 17))
@@ -250,8 +249,3 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
   return {"reference": "NDCT; real noise = LDCT - NDCT; baselines matched to its std",
           "num_slices": int(nd.shape[0]), "candidates": table,
           "markdown": noise_stats.fidelity_markdown(table)}
-
-
-def _pick(volume, max_slices):
-  depth = volume.num_slices
-  return np.linspace(0, depth - 1, min(max_slices, depth)).round().astype(int)

@@ -197,7 +197,6 @@ def _run_stage(stage: Stage, workdir: str, rng: jax.Array, previous: Previous,
   repl = replicated(mesh)
   try:
     init_rng, step_rng = jax.random.split(rng)
-    data = None
     if ckpt.latest_step() is not None:
       state, data_state, step = ckpt.restore(abstract_state(stage, init_rng, previous, mesh))
       log(f"stage {stage.name!r}: resumed from step {step} ({stage_dir})")
