@@ -38,7 +38,8 @@ def get_config(variant: str = ""):
   # sigma, so the latent must carry the (spatially correlated) noise; see
   # ldct_jax/models/vae.py for why a learned sigma collapses to white noise.
   tddl.vae = ml_collections.ConfigDict(dict(
-      model=dict(latent_channels=4, features=16, num_down=0, fixed_sigma=0.3),
+      model=dict(latent_channels=4, features=16, num_down=0, fixed_sigma=0.3,
+                 use_noise_map=True),
       num_steps=500, batch_size=16, patch_size=64,
       kl_warmup_steps=0, kl_weight=1.0, free_bits=0.0,
       optim=dict(name="adam", lr=3e-3, schedule="cosine", end_lr_factor=0.1, grad_clip=1.0)))

@@ -52,6 +52,7 @@ import optax
 
 from ldct_jax import noise_stats as ns
 from ldct_jax.data import builtin, datasets, pipeline
+from ldct_jax.methods import tddl
 from ldct_jax.models import vae
 from ldct_jax.physics import ct
 
@@ -76,6 +77,10 @@ def parse_args():
   parser.add_argument("--fixed_sigma", type=float, default=0.3)
   parser.add_argument("--range_factor", type=float, default=5.0,
                       help="bilateral range scale of vae.extract_noise")
+  parser.add_argument("--noise_map", type=int, default=1,
+                      help="1: condition the VAE on physics.ct.fbp_noise_log_std of the slice")
+  parser.add_argument("--calibrate", type=int, default=1,
+                      help="1: scale samples to the training noise level (TDDL's sample_gain)")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args()
 
@@ -90,44 +95,63 @@ def load_data():
   return dataset, pixel_size
 
 
-def train_vae(model, volumes, args):
+def noise_map(hu, pixel_size):
+  """``fbp_noise_log_std`` of (D, H, W) HU slices, float32 numpy."""
+  return np.concatenate([np.asarray(ct.fbp_noise_log_std(hu[i:i + 16], pixel_size=pixel_size))
+                         for i in range(0, hu.shape[0], 16)])
+
+
+def train_vae(model, volumes, pixel_size, args):
   """Adam on the negative ELBO over LDCT patches; returns params and a log."""
+  keys = ("ld", "noise_map") if args.noise_map else ("ld",)
   stream = pipeline.make_patch_dataset(
-      [pipeline.Volume(v.patient_id, {"ld": v.arrays["ld"]}) for v in volumes],
-      keys=("ld",), patch_size=args.patch, batch_size=args.batch, seed=args.seed,
-      normalization=pipeline.Normalization(), num_threads=1)
+      [pipeline.Volume(v.patient_id, {"ld": v.arrays["ld"],
+                                      "noise_map": noise_map(v.arrays["ld"], pixel_size)})
+       for v in volumes],
+      keys=keys, raw_keys=keys[1:], patch_size=args.patch, batch_size=args.batch,
+      seed=args.seed, normalization=pipeline.Normalization(), num_threads=1)
   optimizer = optax.adam(args.lr)
   loss_fn = functools.partial(vae.elbo_loss, model=model, free_bits=args.free_bits)
 
   @jax.jit
-  def step(params, opt_state, ld, key, step_index):
-    batch = vae.noise_batch(ld, range_factor=args.range_factor)
+  def step(params, opt_state, moments, ld, nmap, key, step_index):
+    batch = vae.noise_batch(ld, nmap, range_factor=args.range_factor)
     kl_weight = vae.kl_weight_schedule(step_index, args.kl_warmup, 1.0)
+    loss_key, level_key = jax.random.split(key)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch, key, kl_weight)
+        params, batch, loss_key, kl_weight)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    params = optax.apply_updates(params, updates)
+    # The level calibration of methods/tddl.py: EMAs of the mean squares.
+    decay = jnp.where(step_index > 0, tddl.LEVEL_EMA_DECAY, 0.0)
+    new = vae.level_moments(params, batch, level_key, model=model)
+    moments = tuple(decay * m + (1 - decay) * n for m, n in zip(moments, new))
+    return params, opt_state, moments, metrics
 
   @jax.jit
-  def sample_std_hu(params, ld, key):
+  def sample_std_hu(params, ld, nmap, key):
     # Prior samples vs the data: a decoder that only reconstructs posterior
     # codes shows a good ELBO but draws noise of the wrong level.
-    batch = vae.noise_batch(ld, range_factor=args.range_factor)
+    batch = vae.noise_batch(ld, nmap, range_factor=args.range_factor)
     draw = model.apply(params, batch["condition"], key, method=vae.NoiseVAE.sample)
     return 4096.0 * jnp.std(draw), 4096.0 * jnp.std(batch["noise"])
 
   key = jax.random.PRNGKey(args.seed)
-  first = next(stream)["ld"]
-  params = model.init(key, first, first, key, train=True)
+  first = next(stream)
+  first_batch = vae.noise_batch(first["ld"], first.get("noise_map"))
+  params = model.init(key, first_batch["noise"], first_batch["condition"], key, train=True)
   opt_state = optimizer.init(params)
+  moments = (jnp.ones(()), jnp.ones(()))
   log, start = [], time.time()
   for i in range(args.steps):
-    ld = first if i == 0 else next(stream)["ld"]
-    params, opt_state, metrics = step(params, opt_state, ld, jax.random.fold_in(key, i), i)
+    batch = first if i == 0 else next(stream)
+    ld, nmap = batch["ld"], batch.get("noise_map")
+    params, opt_state, moments, metrics = step(params, opt_state, moments, ld, nmap,
+                                               jax.random.fold_in(key, i), i)
     if i % 50 == 0 or i == args.steps - 1:
       metrics = {k: float(v) for k, v in metrics.items()}
       metrics["sample_std_hu"], metrics["data_std_hu"] = map(
-          float, sample_std_hu(params, ld, jax.random.fold_in(key, 1_000_000 + i)))
+          float, sample_std_hu(params, ld, nmap, jax.random.fold_in(key, 1_000_000 + i)))
       metrics.update(step=i, seconds=round(time.time() - start, 1))
       log.append(metrics)
       print(f"step {i:5d}  loss {metrics['loss']:8.3f}  kl/px {metrics['kl']:.3f}  "
@@ -135,10 +159,12 @@ def train_vae(model, volumes, args):
             f"sample/data std {metrics['sample_std_hu']:.1f}/{metrics['data_std_hu']:.1f} HU  "
             f"({metrics['seconds']:.0f} s)", flush=True)
   stream.close()
-  return params, log, time.time() - start
+  sample_gain = float(jnp.sqrt(moments[0] / moments[1])) if args.calibrate else 1.0
+  print(f"sample level calibration: x{sample_gain:.3f}", flush=True)
+  return params, sample_gain, log, time.time() - start
 
 
-def pseudo_ldct(model, params, nd_hu, key, noise_gain, range_factor, batch=8):
+def pseudo_ldct(model, params, nd_hu, pixel_size, key, noise_gain, range_factor, batch=8):
   """NDCT (D, H, W) HU -> pseudo-LDCT (D, H, W) HU through ``vae.synthesize``."""
   norm = pipeline.Normalization()
   synth = jax.jit(functools.partial(vae.synthesize, model=model, noise_gain=noise_gain,
@@ -146,7 +172,9 @@ def pseudo_ldct(model, params, nd_hu, key, noise_gain, range_factor, batch=8):
   out = []
   for start in range(0, nd_hu.shape[0], batch):
     nd = jnp.asarray(norm.normalize(nd_hu[start:start + batch]))[..., None]
-    out.append(np.asarray(norm.denormalize(synth(params, nd, jax.random.fold_in(key, start))))[..., 0])
+    nmap = jnp.asarray(noise_map(nd_hu[start:start + batch], pixel_size))[..., None]
+    out.append(np.asarray(norm.denormalize(
+        synth(params, nd, jax.random.fold_in(key, start), noise_map=nmap)))[..., 0])
   return np.concatenate(out)
 
 
@@ -169,9 +197,9 @@ def main():
   dataset, pixel_size = load_data()
   model = vae.NoiseVAE(latent_channels=args.latent_channels, features=args.features,
                        num_down=args.num_down, sigma_mode=args.sigma_mode,
-                       fixed_sigma=args.fixed_sigma)
-  params, log, train_seconds = train_vae(
-      model, [dataset.volumes[p] for p in NOISE_PATIENTS], args)
+                       fixed_sigma=args.fixed_sigma, use_noise_map=bool(args.noise_map))
+  params, sample_gain, log, train_seconds = train_vae(
+      model, [dataset.volumes[p] for p in NOISE_PATIENTS], pixel_size, args)
   print(f"trained {args.steps} steps in {train_seconds:.0f} s", flush=True)
 
   nd = np.concatenate([dataset.volumes[p].arrays["nd"] for p in EVAL_PATIENTS])
@@ -180,9 +208,9 @@ def main():
   keys = jax.random.split(key, 4)
   body = ns.body_mask(nd)
   target_std = float((ld - nd)[body].std())
-  gain = math.sqrt(1.0 - DOSE_FRACTION)
+  gain = math.sqrt(1.0 - DOSE_FRACTION) * sample_gain
   candidates = {
-      "VAE": pseudo_ldct(model, params, nd, keys[0], gain, args.range_factor),
+      "VAE": pseudo_ldct(model, params, nd, pixel_size, keys[0], gain, args.range_factor),
       "Gaussian (matched std)": nd + np.asarray(ns.gaussian_noise_like(nd, target_std, keys[1])),
       "image Poisson (matched std)": nd + np.asarray(
           ns.image_poisson_noise_like(nd, target_std, keys[2], body)),

@@ -359,3 +359,15 @@ def test_global_batch_is_sharded_over_four_fake_devices():
                           check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "SHARDED_OK" in result.stdout
+
+
+def test_raw_keys_are_cut_and_oriented_like_images_but_not_normalised():
+  volumes = [_position_volume(i) for i in range(2)]
+  batch = next(_stream(volumes, keys=("a", "b"), raw_keys=("b",), patch_size=8,
+                       batch_size=16))
+  # b = 3 a + 7 in HU (see _position_volume); raw, so in HU, not model units.
+  np.testing.assert_allclose(batch["b"], 3 * NORM.denormalize(batch["a"]) + 7, rtol=1e-5)
+  with pytest.raises(ValueError, match="air rejection"):
+    _stream(volumes, keys=("b", "a"), raw_keys=("b",), patch_size=8, batch_size=16)
+  with pytest.raises(ValueError, match="not among keys"):
+    _stream(volumes, keys=("a",), raw_keys=("b",), patch_size=8, batch_size=16)

@@ -208,3 +208,35 @@ def test_linear_decoder_is_linear_in_z():
     superposed = 2.0 * decode(z1) - 0.5 * decode(z2)
     error = float(jnp.max(jnp.abs(combined - superposed)) / jnp.max(jnp.abs(combined)))
     assert (error < 1e-4) == linear
+
+
+def test_noise_map_sets_the_level_from_physics_at_init():
+  # noise_map_weight starts at 1: a map 0.5 higher (log std) must give
+  # samples e^0.5 = 1.65x stronger before any training, for the same
+  # structure; the local scale network starts at zero.
+  model = vae.NoiseVAE(latent_channels=2, features=4, num_down=0, use_noise_map=True)
+  structure = jnp.full((4, 16, 16, 1), 0.25)
+  low = vae.make_condition(structure, jnp.full_like(structure, 2.0))
+  high = vae.make_condition(structure, jnp.full_like(structure, 2.5))
+  params = model.init(jax.random.PRNGKey(0), structure, low, jax.random.PRNGKey(1), train=True)
+  draw = lambda c: model.apply(params, c, jax.random.PRNGKey(2), 1.0, method=vae.NoiseVAE.sample)
+  ratio = float(jnp.std(draw(high)) / jnp.std(draw(low)))
+  # The fixed white residual does not scale, so the ratio is a bit below e^0.5.
+  assert 1.3 < ratio <= np.exp(0.5) + 1e-3
+  with pytest.raises(ValueError, match="noise_map"):
+    vae.synthesize(params, structure, jax.random.PRNGKey(3), model=model)
+  with pytest.raises(ValueError, match=r"\(batch, height, width, 2\)"):
+    model.apply(params, structure, jax.random.PRNGKey(2), method=vae.NoiseVAE.sample)
+  pseudo = vae.synthesize(params, structure, jax.random.PRNGKey(3), model=model,
+                          noise_map=jnp.full_like(structure, 2.0))
+  assert pseudo.shape == structure.shape
+
+
+def test_level_moments_compare_training_noise_with_samples(trained):
+  model, params, batch, *_ = trained
+  data_ms, sample_ms = vae.level_moments(params, batch, jax.random.PRNGKey(4), model=model)
+  np.testing.assert_allclose(float(data_ms), float(jnp.mean(jnp.square(batch["noise"]))),
+                             rtol=1e-6)
+  draw = model.apply(params, batch["condition"], jax.random.PRNGKey(4),
+                     method=vae.NoiseVAE.sample)
+  np.testing.assert_allclose(float(sample_ms), float(jnp.mean(jnp.square(draw))), rtol=1e-6)

@@ -457,6 +457,7 @@ def make_patch_dataset(
     batch_size: int,
     seed: int,
     normalization: Normalization,
+    raw_keys: Sequence[str] = (),
     augment: bool = True,
     skip_air_fraction: Optional[float] = 0.9,
     air_threshold_hu: float = -900.0,
@@ -486,6 +487,9 @@ def make_patch_dataset(
       the process count.
     seed: determines the whole stream.
     normalization: HU -> model units (the evaluation inverts the same one).
+    raw_keys: keys among ``keys`` that are not images in HU (e.g. a noise
+      map) and pass through unnormalised; they are cut and augmented like the
+      others.
     augment: random flips and rot90, identical across keys.
     skip_air_fraction: re-draw a location while the fraction of centre-slice
       pixels of ``keys[0]`` below ``air_threshold_hu`` exceeds this; ``None``
@@ -542,10 +546,17 @@ def make_patch_dataset(
   sampler = _PatchSampler(volumes, keys, patch_size, slab, augment,
                           skip_air_fraction, air_threshold_hu, max_air_retries)
 
+  raw_keys = frozenset(raw_keys)
+  if not raw_keys <= set(keys):
+    raise ValueError(f"raw_keys {sorted(raw_keys - set(keys))} are not among keys {keys}")
+  if keys[0] in raw_keys:
+    raise ValueError(f"keys[0] ({keys[0]!r}) drives air rejection and must be an image in HU")
+
   def stack_and_normalize(samples):
-    return {key: normalization.normalize(
-                np.stack([sample[key] for sample in samples]))[..., None]
-            for key in keys}
+    batch = {key: np.stack([sample[key] for sample in samples]) for key in keys}
+    return {key: (value.astype(np.float32) if key in raw_keys
+                  else normalization.normalize(value))[..., None]
+            for key, value in batch.items()}
 
   # Global sample index -> sample; chunks of B_local consecutive samples;
   # this host keeps chunks h, h + H, h + 2H, ... (see module docstring).
@@ -561,6 +572,7 @@ def make_patch_dataset(
       "patch_size": int(patch_size),
       "slab": int(slab),
       "normalization": normalization.to_config(),
+      "raw_keys": sorted(raw_keys),
       "augment": bool(augment),
       "skip_air_fraction": (None if skip_air_fraction is None
                             else float(skip_air_fraction)),

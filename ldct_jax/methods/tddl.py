@@ -46,6 +46,7 @@ from ldct_jax.evaluation import make_validation_fn, spread_slices
 from ldct_jax.data.pipeline import Normalization, Volume, make_patch_dataset
 from ldct_jax.methods import MethodSpec, supervised
 from ldct_jax.models import vae as vae_lib
+from ldct_jax.physics import ct
 from ldct_jax.train.loop import Stage
 from ldct_jax.train.optim import make_optimizer
 
@@ -76,41 +77,70 @@ def estimate_noise_level_hu(volumes, normalization: Normalization, max_slices: i
   return float(np.mean(stds))
 
 
+def noise_map_of(hu: np.ndarray, pixel_size: float, chunk: int = 16) -> np.ndarray:
+  """``fbp_noise_log_std`` of ``(D, H, W)`` HU slices: ``(D, H, W)`` float32."""
+  return np.concatenate([np.asarray(ct.fbp_noise_log_std(hu[i:i + chunk], pixel_size=pixel_size))
+                         for i in range(0, hu.shape[0], chunk)])
+
+
+def in_plane_pixel_size(dataset, patient_id: str) -> float:
+  """Mean of the row and column spacing (mm) of a scan."""
+  return float(np.mean(dataset.spacing[patient_id][1:]))
+
+
 def make_noise_fn(source: str, normalization: Normalization, noise_std_hu: float, vae_model=None,
                   *, noise_gain: float = 1.0, range_factor: float = 5.0):
-  """``(aux, nd_norm, rng) -> pseudo_ld_norm`` for a batch (NHWC or NDHWC slabs).
+  """``(aux, nd_norm, rng, noise_map=None) -> pseudo_ld_norm`` for a batch.
 
-  ``aux`` holds the frozen VAE parameters for 'vae' (a jit argument, not a
-  baked-in constant) and is ignored otherwise.
+  Batches are NHWC or NDHWC slabs. ``aux`` holds, for 'vae', the frozen VAE
+  ``{'variables', 'sample_gain'}`` (jit arguments, not baked-in constants)
+  and is ignored otherwise; ``noise_map`` (shaped like the batch) is the VAE's physics
+  condition (``vae_model.use_noise_map``), ignored by the baselines.
   """
   std = noise_std_hu / normalization.scale
 
-  def per_slice(fn, nd, rng):
+  def per_slice(fn, nd, noise_map, rng):
     if nd.ndim == 5:  # slabs: noise every slice independently
       b, k = nd.shape[:2]
-      flat = nd.reshape((b * k,) + nd.shape[2:])
-      return fn(flat, rng).reshape(nd.shape)
-    return fn(nd, rng)
+      flat = lambda x: None if x is None else x.reshape((b * k,) + x.shape[2:])
+      return fn(flat(nd), flat(noise_map), rng).reshape(nd.shape)
+    return fn(nd, noise_map, rng)
 
   if source == "vae":
-    def add(aux, nd, rng):
-      return per_slice(lambda x, r: vae_lib.synthesize(
-          aux, x, r, model=vae_model, noise_gain=noise_gain, range_factor=range_factor), nd, rng)
+    def add(aux, nd, rng, noise_map=None):
+      return per_slice(lambda x, m, r: vae_lib.synthesize(
+          aux["variables"], x, r, model=vae_model, noise_map=m,
+          noise_gain=noise_gain * aux["sample_gain"], range_factor=range_factor),
+          nd, noise_map, rng)
   elif source == "gaussian":
-    def add(aux, nd, rng):
-      del aux
+    def add(aux, nd, rng, noise_map=None):
+      del aux, noise_map
       return nd + noise_stats.gaussian_noise_like(nd, std, rng)
   elif source == "poisson":
-    def add(aux, nd, rng):
+    def add(aux, nd, rng, noise_map=None):
       del aux
-      def one(x, r):
+      def one(x, m, r):
+        del m
         hu = normalization.denormalize(x)
         mask = hu > -900.0
         return x + noise_stats.image_poisson_noise_like(hu, noise_std_hu, r, mask) / normalization.scale
-      return per_slice(one, nd, rng)
+      return per_slice(one, nd, None, rng)
   else:
     raise ValueError(f"tddl.noise_source must be one of {NOISE_SOURCES}, got {source!r}")
   return add
+
+
+class NoiseModelState(train_state.TrainState):
+  """The VAE's train state plus EMAs of the training noise's and the samples' mean squares."""
+  data_mean_square: jax.Array = None
+  sample_mean_square: jax.Array = None
+
+  def sample_gain(self) -> jax.Array:
+    return jnp.sqrt(self.data_mean_square / jnp.maximum(self.sample_mean_square, 1e-20))
+
+
+# EMA decay of the level moments: averages about the last 50 steps.
+LEVEL_EMA_DECAY = 0.98
 
 
 class DenoiserState(supervised.TrainState):
@@ -126,6 +156,9 @@ def build(config, dataset) -> MethodSpec:
   slab = int(config.data.get("slab", 1))
   denoiser = models.get_model(config.model)
   vae_model = vae_lib.NoiseVAE(**dict(cfg.vae.model))
+  # The physics condition exists only for the VAE; the baselines need none.
+  use_map = source == "vae" and vae_model.use_noise_map
+  map_keys = ("noise_map",) if use_map else ()
   make_denoiser = supervised.make_denoiser(denoiser)
 
   noise_ids = clean_ids = ()
@@ -133,11 +166,22 @@ def build(config, dataset) -> MethodSpec:
     noise_ids, clean_ids = partition_train_patients(dataset.splits["train"], cfg.noise_fraction,
                                                     cfg.paired)
 
-  def volumes(patients, key):
-    """The training scans of ``patients``, keeping only the ``key`` images."""
+  def volumes(patients, key, with_map=False):
+    """The training scans of ``patients``, keeping only the ``key`` images.
+
+    ``with_map`` adds each slice's ``noise_map`` (``fbp_noise_log_std`` of
+    the ``key`` image itself: LDCT for the noise patients, NDCT for the
+    clean ones; no other scan is used).
+    """
     wanted = set(patients)
-    return [Volume(v.patient_id, {key: v.arrays[key]}) for v in dataset.split("train")
-            if dataset.patient_of.get(v.patient_id, v.patient_id) in wanted]
+    out = []
+    for v in dataset.split("train"):
+      if dataset.patient_of.get(v.patient_id, v.patient_id) in wanted:
+        arrays = {key: v.arrays[key]}
+        if with_map:
+          arrays["noise_map"] = noise_map_of(v.arrays[key], in_plane_pixel_size(dataset, v.patient_id))
+        out.append(Volume(v.patient_id, arrays))
+    return out
 
   # ---- stage 1: the noise VAE on LDCT of the noise patients ----
   vae_steps = int(cfg.vae.num_steps)
@@ -147,22 +191,35 @@ def build(config, dataset) -> MethodSpec:
   def vae_init(rng, previous):
     del previous
     x = jnp.zeros((1, patch, patch, 1), jnp.float32)
-    params = vae_model.init(rng, x, x, rng, train=True)["params"]
-    return train_state.TrainState.create(apply_fn=vae_model.apply, params=params, tx=vae_tx)
+    condition = jnp.zeros((1, patch, patch, vae_model.condition_channels), jnp.float32)
+    params = vae_model.init(rng, x, condition, rng, train=True)["params"]
+    return NoiseModelState.create(apply_fn=vae_model.apply, params=params, tx=vae_tx,
+                                  data_mean_square=jnp.ones((), jnp.float32),
+                                  sample_mean_square=jnp.ones((), jnp.float32))
 
   def vae_step(state, batch, rng):
-    vae_batch = vae_lib.noise_batch(batch["ld"], range_factor=range_factor)
+    vae_batch = vae_lib.noise_batch(batch["ld"], batch.get("noise_map"), range_factor=range_factor)
     kl_weight = vae_lib.kl_weight_schedule(state.step, int(cfg.vae.kl_warmup_steps),
                                            float(cfg.vae.kl_weight))
     loss_fn = functools.partial(vae_lib.elbo_loss, model=vae_model,
                                 free_bits=float(cfg.vae.free_bits))
+    loss_rng, level_rng = jax.random.split(rng)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        {"params": state.params}, vae_batch, rng, kl_weight)
-    return state.apply_gradients(grads=grads["params"]), {**metrics, "kl_weight": kl_weight}
+        {"params": state.params}, vae_batch, loss_rng, kl_weight)
+    state = state.apply_gradients(grads=grads["params"])
+    data_ms, sample_ms = vae_lib.level_moments({"params": state.params}, vae_batch, level_rng,
+                                               model=vae_model)
+    # The first step sets the EMAs (they start at a placeholder 1).
+    decay = jnp.where(state.step > 1, LEVEL_EMA_DECAY, 0.0)
+    state = state.replace(
+        data_mean_square=decay * state.data_mean_square + (1 - decay) * data_ms,
+        sample_mean_square=decay * state.sample_mean_square + (1 - decay) * sample_ms)
+    return state, {**metrics, "kl_weight": kl_weight, "sample_gain": state.sample_gain()}
 
   def vae_data(previous):
     del previous
-    return make_patch_dataset(volumes(noise_ids, "ld"), keys=("ld",), patch_size=patch,
+    return make_patch_dataset(volumes(noise_ids, "ld", use_map), keys=("ld",) + map_keys,
+                              raw_keys=map_keys, patch_size=patch,
                               batch_size=int(cfg.vae.batch_size), seed=config.seed,
                               normalization=normalization, augment=True,
                               skip_air_fraction=config.data.skip_air_fraction)
@@ -186,20 +243,26 @@ def build(config, dataset) -> MethodSpec:
   def denoiser_init(rng, previous):
     base = supervised.create_train_state(
         denoiser, tx, rng, supervised.input_shape(config.data, config.data.patch_size))
-    noise_params = ({"params": previous["noise_model"].params} if source == "vae"
-                    else flax.core.FrozenDict())
+    if source == "vae":
+      noise_state = previous["noise_model"]
+      noise_params = {"variables": {"params": noise_state.params},
+                      "sample_gain": noise_state.sample_gain()}
+    else:
+      noise_params = flax.core.FrozenDict()
     return DenoiserState(step=base.step, apply_fn=base.apply_fn, params=base.params, tx=tx,
                          opt_state=base.opt_state, batch_stats=base.batch_stats,
                          noise_params=noise_params)
 
   def denoiser_step(state, batch, rng):
     synth_rng, step_rng = jax.random.split(rng)
-    pseudo = {"ld": add_noise(state.noise_params, batch["nd"], synth_rng), "nd": batch["nd"]}
+    pseudo = {"ld": add_noise(state.noise_params, batch["nd"], synth_rng, batch.get("noise_map")),
+              "nd": batch["nd"]}
     return paired_step(state, pseudo, step_rng)
 
   def denoiser_data(previous):
     del previous
-    return make_patch_dataset(volumes(clean_ids, "nd"), keys=("nd",),
+    return make_patch_dataset(volumes(clean_ids, "nd", use_map), keys=("nd",) + map_keys,
+                              raw_keys=map_keys,
                               patch_size=config.data.patch_size, slab=slab,
                               batch_size=config.data.batch_size, seed=config.seed + 1,
                               normalization=normalization, augment=config.data.augment,
@@ -216,7 +279,7 @@ def build(config, dataset) -> MethodSpec:
   def noise_report(states: Dict, dataset) -> dict:
     """Synthetic vs real LDCT noise on the test patients (and the two baselines)."""
     return noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu,
-                          int(config.eval.get("noise_max_slices", 8)), config.seed)
+                          int(config.eval.get("noise_max_slices", 8)), config.seed, use_map)
 
   description = (f"TDDL ({source} noise) + {config.model.name}"
                  f"{', paired' if cfg.paired else ''}")
@@ -224,7 +287,8 @@ def build(config, dataset) -> MethodSpec:
                     description=description, extra_reports={"noise_fidelity": noise_report})
 
 
-def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_slices, seed):
+def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_slices, seed,
+                   use_map):
   """Compares (pseudo-LDCT - NDCT) with (LDCT - NDCT) on test patients.
 
   The reference is the NDCT: the real LDCT noise relative to it is LD - ND,
@@ -237,13 +301,16 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
   ld = np.concatenate([v.arrays["ld"][pick] for v, pick in zip(volumes, picks)])
   state = states["denoiser"]
   x = jnp.asarray(normalization.normalize(nd))[..., None]
-  synth = jax.jit(add_noise)(state.noise_params, x, jax.random.PRNGKey(seed + 17))
+  spacing = dataset.spacing[volumes[0].patient_id][1]
+  noise_map = (jnp.asarray(np.concatenate([
+      noise_map_of(v.arrays["nd"][pick], in_plane_pixel_size(dataset, v.patient_id))
+      for v, pick in zip(volumes, picks)]))[..., None] if use_map else None)
+  synth = jax.jit(add_noise)(state.noise_params, x, jax.random.PRNGKey(seed + 17), noise_map)
   pseudo_hu = np.asarray(normalization.denormalize(synth[..., 0]))
   real_std = float(np.std((ld - nd)[nd > -900]))
   key_g, key_p = jax.random.split(jax.random.PRNGKey(seed + 29))
   gaussian = nd + np.asarray(noise_stats.gaussian_noise_like(nd, real_std, key_g))
   poisson = nd + np.asarray(noise_stats.image_poisson_noise_like(nd, real_std, key_p, nd > -900))
-  spacing = dataset.spacing[volumes[0].patient_id][1]
   candidates = {"synthetic": pseudo_hu, "gaussian": gaussian, "image_poisson": poisson}
   table = noise_stats.noise_fidelity_table(candidates, ld, nd, spacing)
   return {"reference": "NDCT; real noise = LDCT - NDCT; baselines matched to its std",
