@@ -37,10 +37,18 @@ def get_config(variant: str = ""):
   # Noise VAE: full-resolution linear-in-z decoder with a fixed residual
   # sigma, so the latent must carry the (spatially correlated) noise; see
   # ldct_jax/models/vae.py for why a learned sigma collapses to white noise.
+  # use_noise_map conditions it on the slice's FBP noise map
+  # (physics.ct.fbp_noise_log_std), which sets the noise level from the
+  # attenuation along every ray, not from the local HU alone; samples are
+  # scaled to the training LDCT's noise level (methods/tddl.py,
+  # NoiseModelState.sample_gain).
   tddl.vae = ml_collections.ConfigDict(dict(
       model=dict(latent_channels=4, features=16, num_down=0, fixed_sigma=0.3,
                  use_noise_map=True),
       num_steps=500, batch_size=16, patch_size=64,
+      # The likelihood sees only pixels far from edges (structure gradient
+      # < 40 HU/px): elsewhere the extracted "noise" holds texture too.
+      flat_edge_hu=40.0,
       kl_warmup_steps=0, kl_weight=1.0, free_bits=0.0,
       optim=dict(name="adam", lr=3e-3, schedule="cosine", end_lr_factor=0.1, grad_clip=1.0)))
 
@@ -49,7 +57,7 @@ def get_config(variant: str = ""):
       name="gcn", features=16, num_blocks=2, k=8, search_window=11, rank=11))
   config.data.update(dict(patch_size=32, batch_size=16))
   config.optim.update(dict(lr=1e-3, schedule="cosine", end_lr_factor=0.05, grad_clip=1.0))
-  config.train.update(dict(num_steps=1500, log_every=50, eval_every=500, checkpoint_every=500))
+  config.train.update(dict(num_steps=1000, log_every=50, eval_every=500, checkpoint_every=250))
   config.eval.noise_max_slices = 8  # test slices per patient for the noise fidelity report
 
   if variant == "paper":

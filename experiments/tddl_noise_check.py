@@ -21,8 +21,13 @@ photons thinned), so the noise that turns this NDCT into this LDCT is
 ``ND + added noise`` and every noise is taken against the NDCT as reference:
 the candidate's ``pseudo - ND`` (the added noise) against ``LD - ND``.
 
-* VAE: ``synthesize(..., noise_gain=sqrt(1 - 0.25))``; the gain follows from
-  the dose ratio alone (noise variance ~ 1 / dose), not from the paired data.
+* VAE: ``synthesize(..., noise_gain=sqrt(1 - 0.25) * sample_gain)``; the
+  first factor follows from the dose ratio alone (noise variance ~ 1 / dose),
+  the second is TDDL's level calibration (the training LDCT noise's rms over
+  the VAE samples' rms, EMAs over training: LDCT of the noise patients
+  only), never from the paired data. The VAE is conditioned on
+  ``physics.ct.fbp_noise_log_std`` of each slice (``--noise_map 0`` drops
+  it; ``--calibrate 0`` drops the calibration).
 * Gaussian and image-Poisson baselines: std matched to ``std(LD - ND)`` in
   the body, which uses the paired data, so they get the overall level for
   free; the VAE has to find it.
@@ -81,6 +86,8 @@ def parse_args():
                       help="1: condition the VAE on physics.ct.fbp_noise_log_std of the slice")
   parser.add_argument("--calibrate", type=int, default=1,
                       help="1: scale samples to the training noise level (TDDL's sample_gain)")
+  parser.add_argument("--flat_edge_hu", type=float, default=40.0,
+                      help="VAE likelihood on pixels whose structure gradient < this (0: all)")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args()
 
@@ -95,18 +102,12 @@ def load_data():
   return dataset, pixel_size
 
 
-def noise_map(hu, pixel_size):
-  """``fbp_noise_log_std`` of (D, H, W) HU slices, float32 numpy."""
-  return np.concatenate([np.asarray(ct.fbp_noise_log_std(hu[i:i + 16], pixel_size=pixel_size))
-                         for i in range(0, hu.shape[0], 16)])
-
-
 def train_vae(model, volumes, pixel_size, args):
   """Adam on the negative ELBO over LDCT patches; returns params and a log."""
   keys = ("ld", "noise_map") if args.noise_map else ("ld",)
   stream = pipeline.make_patch_dataset(
       [pipeline.Volume(v.patient_id, {"ld": v.arrays["ld"],
-                                      "noise_map": noise_map(v.arrays["ld"], pixel_size)})
+                                      "noise_map": tddl.noise_map_of(v.arrays["ld"], pixel_size)})
        for v in volumes],
       keys=keys, raw_keys=keys[1:], patch_size=args.patch, batch_size=args.batch,
       seed=args.seed, normalization=pipeline.Normalization(), num_threads=1)
@@ -115,7 +116,8 @@ def train_vae(model, volumes, pixel_size, args):
 
   @jax.jit
   def step(params, opt_state, moments, ld, nmap, key, step_index):
-    batch = vae.noise_batch(ld, nmap, range_factor=args.range_factor)
+    batch = vae.noise_batch(ld, nmap, range_factor=args.range_factor,
+                            flat_edge_hu=args.flat_edge_hu)
     kl_weight = vae.kl_weight_schedule(step_index, args.kl_warmup, 1.0)
     loss_key, level_key = jax.random.split(key)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -172,7 +174,7 @@ def pseudo_ldct(model, params, nd_hu, pixel_size, key, noise_gain, range_factor,
   out = []
   for start in range(0, nd_hu.shape[0], batch):
     nd = jnp.asarray(norm.normalize(nd_hu[start:start + batch]))[..., None]
-    nmap = jnp.asarray(noise_map(nd_hu[start:start + batch], pixel_size))[..., None]
+    nmap = jnp.asarray(tddl.noise_map_of(nd_hu[start:start + batch], pixel_size))[..., None]
     out.append(np.asarray(norm.denormalize(
         synth(params, nd, jax.random.fold_in(key, start), noise_map=nmap)))[..., 0])
   return np.concatenate(out)

@@ -198,7 +198,8 @@ def build(config, dataset) -> MethodSpec:
                                   sample_mean_square=jnp.ones((), jnp.float32))
 
   def vae_step(state, batch, rng):
-    vae_batch = vae_lib.noise_batch(batch["ld"], batch.get("noise_map"), range_factor=range_factor)
+    vae_batch = vae_lib.noise_batch(batch["ld"], batch.get("noise_map"), range_factor=range_factor,
+                                    flat_edge_hu=float(cfg.vae.flat_edge_hu))
     kl_weight = vae_lib.kl_weight_schedule(state.step, int(cfg.vae.kl_warmup_steps),
                                            float(cfg.vae.kl_weight))
     loss_fn = functools.partial(vae_lib.elbo_loss, model=vae_model,
