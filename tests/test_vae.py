@@ -240,3 +240,41 @@ def test_level_moments_compare_training_noise_with_samples(trained):
   draw = model.apply(params, batch["condition"], jax.random.PRNGKey(4),
                      method=vae.NoiseVAE.sample)
   np.testing.assert_allclose(float(sample_ms), float(jnp.mean(jnp.square(draw))), rtol=1e-6)
+
+
+def test_flat_weight_excludes_edges_texture_and_air():
+  # Left half 0 HU, right half 200 HU, top rows air: only pixels more than
+  # 3 px (the radius) from the step and inside the body are flat.
+  hu = np.zeros((1, 32, 32), np.float32)
+  hu[:, :, 16:] = 200.0
+  hu[:, :6] = -1000.0
+  structure = jnp.asarray((hu + 1024.0) / 4096.0)[..., None]
+  weight = np.asarray(vae.flat_weight(structure, edge_hu=40.0, radius=3))[0, :, :, 0]
+  assert set(np.unique(weight)) == {0.0, 1.0}
+  assert weight[:6].sum() == 0  # air
+  assert weight[6:9].sum() == 0  # within 3 px of the air/body edge
+  # The step sits between columns 15 and 16; central differences see it at
+  # 15 and 16, so the flat band ends 3 px further.
+  assert weight[12:, 12:20].sum() == 0
+  assert weight[12:, :12].all() and weight[12:, 20:].all()
+  np.testing.assert_array_equal(vae.flat_weight(structure, edge_hu=0.0), 1.0)
+
+
+def test_weighted_elbo_ignores_unobserved_pixels():
+  # num_down 0: encoder and decoder each see +-3 px, so changing rows 0-1
+  # moves codes and reconstructions of rows <= 7 only. With the KL off, a
+  # likelihood restricted to rows >= 16 must not notice; the full one must.
+  model = vae.NoiseVAE(latent_channels=2, features=4, num_down=0)
+  keys = jax.random.split(jax.random.PRNGKey(7), 3)
+  noise = _correlated_noise(keys[0], (2, 32, 32, 1))
+  batch = {"noise": noise, "condition": jnp.full_like(noise, 0.25),
+           "weight": jnp.zeros_like(noise).at[:, 16:].set(1.0)}
+  params = model.init(keys[1], noise, batch["condition"], keys[1], train=True)
+  changed = noise.at[:, :2].add(0.05)  # 200 HU
+  loss = lambda b: vae.elbo_loss(params, b, keys[2], 0.0, model=model)
+  first, metrics_first = loss(batch)
+  np.testing.assert_allclose(float(loss({**batch, "noise": changed})[0]), float(first),
+                             rtol=1e-5)
+  assert float(metrics_first["observed_fraction"]) == pytest.approx(0.5)
+  unweighted = {k: v for k, v in batch.items() if k != "weight"}
+  assert float(loss({**unweighted, "noise": changed})[0]) > float(loss(unweighted)[0]) + 10.0
