@@ -49,9 +49,10 @@ def get_config(variant: str = ""):
       # > 0: the likelihood sees only pixels far from edges (structure
       # gradient < flat_edge_hu HU/px), where the extracted noise is purest.
       # 0 (all pixels) is the default because it denoised better: GCN on
-      # pseudo pairs, test abdomen/lung PSNR 36.24/44.43 dB with all pixels
-      # vs 35.60/42.61 at 40 HU/px, whose noise came out 8-22% too weak
-      # (all pixels: chest 32-48% too strong, abdomen within -13..+5%).
+      # pseudo pairs, test abdomen/lung PSNR 35.97/44.13 dB with all pixels
+      # vs 35.60/42.61 at 40 HU/px (same schedule and seed), whose noise
+      # came out 8-22% too weak (all pixels: chest 32-48% too strong,
+      # abdomen within -13..+5%).
       flat_edge_hu=0.0,
       kl_warmup_steps=0, kl_weight=1.0, free_bits=0.0,
       optim=dict(name="adam", lr=3e-3, schedule="cosine", end_lr_factor=0.1, grad_clip=1.0)))

@@ -86,7 +86,7 @@ def parse_args():
                       help="1: condition the VAE on physics.ct.fbp_noise_log_std of the slice")
   parser.add_argument("--calibrate", type=int, default=1,
                       help="1: scale samples to the training noise level (TDDL's sample_gain)")
-  parser.add_argument("--flat_edge_hu", type=float, default=40.0,
+  parser.add_argument("--flat_edge_hu", type=float, default=0.0,
                       help="VAE likelihood on pixels whose structure gradient < this (0: all)")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args()
