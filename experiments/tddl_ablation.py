@@ -106,7 +106,7 @@ def main(argv=None):
                       help="train nothing: read each arm's eval/metrics.json (e.g. after "
                            "running groups of arms in parallel processes)")
   args = parser.parse_args(argv)
-  results, windows = {}, None
+  results, windows, missing = {}, None, []
   for denoiser in args.denoisers.split(","):
     for arm in args.arms.split(","):
       if arm not in ARMS_OF.get(denoiser, ARMS):
@@ -117,7 +117,8 @@ def main(argv=None):
       if args.summarise_only:
         path = os.path.join(workdir, "eval", "metrics.json")
         if not os.path.exists(path):
-          raise FileNotFoundError(f"{path} missing: arm {denoiser}/{arm} has not been evaluated")
+          missing.append(f"{denoiser}/{arm}")
+          continue
         with open(path) as f:
           report = json.load(f)
       else:
@@ -129,6 +130,8 @@ def main(argv=None):
   text = (f"## TDDL ablation (test split; PSNR/SSIM in windows {list(windows)}, data range 1; "
           f"RMSE in HU)\n\n{table}\n\n## Noise fidelity (vs real LDCT - NDCT)\n\n"
           f"{noise_table(results)}\n")
+  if missing:
+    text += f"\nNot run (no eval/metrics.json): {', '.join(missing)}\n"
   print("\n" + text)
   with open(os.path.join(args.workdir, "ablation.md"), "w") as f:
     f.write(text)
