@@ -125,9 +125,8 @@ def train_vae(model, volumes, pixel_size, args):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     # The level calibration of methods/tddl.py: EMAs of the mean squares.
-    decay = jnp.where(step_index > 0, tddl.LEVEL_EMA_DECAY, 0.0)
     new = vae.level_moments(params, batch, level_key, model=model)
-    moments = tuple(decay * m + (1 - decay) * n for m, n in zip(moments, new))
+    moments = vae.update_level_moments(moments, new, step_index == 0)
     return params, opt_state, moments, metrics
 
   @jax.jit
@@ -161,7 +160,7 @@ def train_vae(model, volumes, pixel_size, args):
             f"sample/data std {metrics['sample_std_hu']:.1f}/{metrics['data_std_hu']:.1f} HU  "
             f"({metrics['seconds']:.0f} s)", flush=True)
   stream.close()
-  sample_gain = float(jnp.sqrt(moments[0] / moments[1])) if args.calibrate else 1.0
+  sample_gain = float(vae.sample_gain(moments)) if args.calibrate else 1.0
   print(f"sample level calibration: x{sample_gain:.3f}", flush=True)
   return params, sample_gain, log, time.time() - start
 

@@ -278,3 +278,12 @@ def test_weighted_elbo_ignores_unobserved_pixels():
   assert float(metrics_first["observed_fraction"]) == pytest.approx(0.5)
   unweighted = {k: v for k, v in batch.items() if k != "weight"}
   assert float(loss({**unweighted, "noise": changed})[0]) > float(loss(unweighted)[0]) + 10.0
+
+
+def test_level_moments_ema_and_sample_gain():
+  moments = vae.update_level_moments((jnp.ones(()), jnp.ones(())), (4.0, 1.0), True)
+  np.testing.assert_allclose([float(m) for m in moments], [4.0, 1.0])
+  moments = vae.update_level_moments(moments, (0.0, 2.0), False)
+  d = vae.LEVEL_EMA_DECAY
+  np.testing.assert_allclose([float(m) for m in moments], [4.0 * d, d + 2.0 * (1 - d)], rtol=1e-6)
+  assert float(vae.sample_gain((jnp.asarray(4.0), jnp.asarray(1.0)))) == pytest.approx(2.0)

@@ -136,11 +136,7 @@ class NoiseModelState(train_state.TrainState):
   sample_mean_square: jax.Array = None
 
   def sample_gain(self) -> jax.Array:
-    return jnp.sqrt(self.data_mean_square / jnp.maximum(self.sample_mean_square, 1e-20))
-
-
-# EMA decay of the level moments: averages about the last 50 steps.
-LEVEL_EMA_DECAY = 0.98
+    return vae_lib.sample_gain((self.data_mean_square, self.sample_mean_square))
 
 
 class DenoiserState(supervised.TrainState):
@@ -208,13 +204,11 @@ def build(config, dataset) -> MethodSpec:
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         {"params": state.params}, vae_batch, loss_rng, kl_weight)
     state = state.apply_gradients(grads=grads["params"])
-    data_ms, sample_ms = vae_lib.level_moments({"params": state.params}, vae_batch, level_rng,
-                                               model=vae_model)
-    # The first step sets the EMAs (they start at a placeholder 1).
-    decay = jnp.where(state.step > 1, LEVEL_EMA_DECAY, 0.0)
-    state = state.replace(
-        data_mean_square=decay * state.data_mean_square + (1 - decay) * data_ms,
-        sample_mean_square=decay * state.sample_mean_square + (1 - decay) * sample_ms)
+    new = vae_lib.level_moments({"params": state.params}, vae_batch, level_rng, model=vae_model)
+    # The first step (state.step is 1 after it) replaces the placeholder 1s.
+    data_ms, sample_ms = vae_lib.update_level_moments(
+        (state.data_mean_square, state.sample_mean_square), new, state.step == 1)
+    state = state.replace(data_mean_square=data_ms, sample_mean_square=sample_ms)
     return state, {**metrics, "kl_weight": kl_weight, "sample_gain": state.sample_gain()}
 
   def vae_data(previous):

@@ -624,6 +624,23 @@ def level_moments(params, batch: dict, rng: Array, *, model: NoiseVAE) -> Tuple[
           jnp.sum(weight * jnp.square(draw)) / pixels)
 
 
+# EMA decay of the level moments: averages about the last 50 steps.
+LEVEL_EMA_DECAY = 0.98
+
+
+def update_level_moments(moments: Tuple[Array, Array], new: Tuple[Array, Array],
+                         first) -> Tuple[Array, Array]:
+  """EMA of ``level_moments`` over training; ``first`` (may be traced) takes ``new`` as is."""
+  decay = jnp.where(first, 0.0, LEVEL_EMA_DECAY)
+  return tuple(decay * old + (1.0 - decay) * value for old, value in zip(moments, new))
+
+
+def sample_gain(moments: Tuple[Array, Array]) -> Array:
+  """``sqrt(data / sample)`` of EMA'd ``level_moments``: the factor on samples."""
+  data_mean_square, sample_mean_square = moments
+  return jnp.sqrt(data_mean_square / jnp.maximum(sample_mean_square, 1e-20))
+
+
 def kl_weight_schedule(step, warmup_steps: int, final_weight: float = 1.0):
   """Linear KL annealing: 0 at step 0, ``final_weight`` from ``warmup_steps`` on.
 
