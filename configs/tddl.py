@@ -36,6 +36,8 @@ def get_config(variant: str = ""):
   # in total; it uses the protocol's dose ratio, not paired data.
   tddl.noise_gain = 0.866
   tddl.range_factor = 5.0      # bilateral range (x noise std) of the LDCT noise extraction
+  tddl.bilateral_radius = 3    # bilateral window half-width (px) of the extraction
+  tddl.bilateral_sigma = 1.5   # bilateral spatial sigma (px)
   # Noise VAE: full-resolution linear-in-z decoder with a fixed residual
   # sigma, so the latent must carry the (spatially correlated) noise; see
   # ldct_jax/models/vae.py for why a learned sigma collapses to white noise.
@@ -46,16 +48,16 @@ def get_config(variant: str = ""):
   # NoiseModelState.sample_gain).
   tddl.vae = ml_collections.ConfigDict(dict(
       model=dict(latent_channels=4, features=16, num_down=0, fixed_sigma=0.3,
-                 use_noise_map=True),
+                 use_noise_map=True, level_from_map=True),
       num_steps=500, batch_size=16, patch_size=64,
-      # > 0: the likelihood sees only pixels far from edges (structure
-      # gradient < flat_edge_hu HU/px), where the extracted noise is purest.
-      # 0 (all pixels) is the default because it denoised better: GCN on
-      # pseudo pairs, test abdomen/lung PSNR 35.97/44.13 dB with all pixels
-      # vs 35.60/42.61 at 40 HU/px (same schedule and seed), whose noise
-      # came out 8-22% too weak (all pixels: chest 32-48% too strong,
-      # abdomen within -13..+5%).
-      flat_edge_hu=0.0,
+      # The likelihood sees only pixels far from edges (structure gradient
+      # < flat_edge_hu HU/px; 0 = all), and the level is the physics map's
+      # (level_from_map) calibrated on the same pixels (level_edge_hu):
+      # trained on every pixel the VAE took lung texture for noise (test
+      # chest 1.3-1.5x too strong); this way chest and abdomen come out
+      # 0.90x / 0.95x and the NPS peak matches (ldct_jax/models/vae.py).
+      flat_edge_hu=40.0,
+      level_edge_hu=40.0,
       kl_warmup_steps=0, kl_weight=1.0, free_bits=0.0,
       optim=dict(name="adam", lr=3e-3, schedule="cosine", end_lr_factor=0.1, grad_clip=1.0)))
 

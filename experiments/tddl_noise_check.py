@@ -86,8 +86,12 @@ def parse_args():
                       help="1: condition the VAE on physics.ct.fbp_noise_log_std of the slice")
   parser.add_argument("--calibrate", type=int, default=1,
                       help="1: scale samples to the training noise level (TDDL's sample_gain)")
-  parser.add_argument("--flat_edge_hu", type=float, default=0.0,
+  parser.add_argument("--flat_edge_hu", type=float, default=40.0,
                       help="VAE likelihood on pixels whose structure gradient < this (0: all)")
+  parser.add_argument("--level_edge_hu", type=float, default=40.0,
+                      help="level calibration on pixels whose structure gradient < this (0: all)")
+  parser.add_argument("--level_from_map", type=int, default=1,
+                      help="1: the VAE's local scale is the physics map's (NoiseVAE.level_from_map)")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args()
 
@@ -125,7 +129,7 @@ def train_vae(model, volumes, pixel_size, args):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     # The level calibration of methods/tddl.py: EMAs of the mean squares.
-    new = vae.level_moments(params, batch, level_key, model=model)
+    new = vae.level_moments(params, batch, level_key, model=model, edge_hu=args.level_edge_hu)
     moments = vae.update_level_moments(moments, new, step_index == 0)
     return params, opt_state, moments, metrics
 
@@ -198,7 +202,8 @@ def main():
   dataset, pixel_size = load_data()
   model = vae.NoiseVAE(latent_channels=args.latent_channels, features=args.features,
                        num_down=args.num_down, sigma_mode=args.sigma_mode,
-                       fixed_sigma=args.fixed_sigma, use_noise_map=bool(args.noise_map))
+                       fixed_sigma=args.fixed_sigma, use_noise_map=bool(args.noise_map),
+                       level_from_map=bool(args.noise_map and args.level_from_map))
   params, sample_gain, log, train_seconds = train_vae(
       model, [dataset.volumes[p] for p in NOISE_PATIENTS], pixel_size, args)
   print(f"trained {args.steps} steps in {train_seconds:.0f} s", flush=True)

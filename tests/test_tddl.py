@@ -52,6 +52,12 @@ def test_pipeline_runs_all_stages_and_reports_noise_fidelity(uninterrupted):
   assert {"ldct", "model"} <= set(saved["mean"])
   fidelity = saved["noise_fidelity"]
   assert {"synthetic", "gaussian", "image_poisson"} <= set(fidelity["candidates"])
+  per_patient = fidelity["per_patient_body_std"]
+  assert per_patient and all(row["synthetic_std_hu"] > 0 for row in per_patient.values())
+  if len(per_patient) == 1:  # then the pooled real std is this patient's
+    (row,) = per_patient.values()
+    assert row["real_std_hu"] == pytest.approx(
+        fidelity["candidates"]["synthetic"]["noise_std_real_hu"], rel=1e-5)
   assert report["model"].startswith("TDDL (vae noise) + gcn")
 
 

@@ -232,6 +232,34 @@ def test_noise_map_sets_the_level_from_physics_at_init():
   assert pseudo.shape == structure.shape
 
 
+def test_level_from_map_ignores_structure_and_follows_the_map_exactly():
+  # level_from_map: log s = log noise_scale + b + (map - 2.5). The FiLM
+  # starts as the identity, so at init the decoder mean for a fixed z scales
+  # by exactly e^0.5 when the map rises by 0.5, and a different structure
+  # (bone vs water) does not change it; the learnt offset b moves every
+  # pixel alike.
+  model = vae.NoiseVAE(latent_channels=2, features=4, num_down=0, use_noise_map=True,
+                       level_from_map=True)
+  z = jax.random.normal(jax.random.PRNGKey(5), (2, 16, 16, 2))
+  water = jnp.full((2, 16, 16, 1), 0.25)
+  bone = jnp.full_like(water, 0.5)
+  condition = lambda s, m: vae.make_condition(s, jnp.full_like(s, m))
+  params = model.init(jax.random.PRNGKey(0), z, condition(water, 2.0), method=vae.NoiseVAE.decode)
+  assert "cond_log_scale" not in params["params"] and "noise_map_weight" not in params["params"]
+  decode = lambda p, c: model.apply(p, z, c, method=vae.NoiseVAE.decode)
+  base = decode(params, condition(water, 2.0))
+  np.testing.assert_allclose(decode(params, condition(water, 2.5)), np.exp(0.5) * base,
+                             rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(decode(params, condition(bone, 2.0)), base, rtol=1e-5, atol=1e-9)
+  shifted = jax.tree_util.tree_map(lambda x: x, params)
+  shifted["params"]["level_offset"] = jnp.asarray(0.3)
+  np.testing.assert_allclose(decode(shifted, condition(water, 2.0)), np.exp(0.3) * base,
+                             rtol=1e-5, atol=1e-9)
+  with pytest.raises(ValueError, match="use_noise_map"):
+    vae.NoiseVAE(latent_channels=2, features=4, level_from_map=True).init(
+        jax.random.PRNGKey(0), z, water, method=vae.NoiseVAE.decode)
+
+
 def test_level_moments_compare_training_noise_with_samples(trained):
   model, params, batch, *_ = trained
   data_ms, sample_ms = vae.level_moments(params, batch, jax.random.PRNGKey(4), model=model)
@@ -240,6 +268,19 @@ def test_level_moments_compare_training_noise_with_samples(trained):
   draw = model.apply(params, batch["condition"], jax.random.PRNGKey(4),
                      method=vae.NoiseVAE.sample)
   np.testing.assert_allclose(float(sample_ms), float(jnp.mean(jnp.square(draw))), rtol=1e-6)
+  # edge_hu: averages over the flat pixels of the structure (here a 400 HU
+  # step through the middle of every patch), for data and sample alike.
+  step_up = jnp.zeros_like(batch["condition"]).at[:, :, 8:].set(400.0 / 4096.0)
+  edged = {**batch, "condition": batch["condition"] + step_up}
+  flat = vae.flat_weight(edged["condition"], 40.0)
+  assert 0.2 < float(jnp.mean(flat)) < 0.8
+  data_flat, sample_flat = vae.level_moments(params, edged, jax.random.PRNGKey(4), model=model,
+                                             edge_hu=40.0)
+  draw = model.apply(params, edged["condition"], jax.random.PRNGKey(4),
+                     method=vae.NoiseVAE.sample)
+  mean_over_flat = lambda x: float(jnp.sum(flat * jnp.square(x)) / jnp.sum(flat))
+  np.testing.assert_allclose(float(data_flat), mean_over_flat(batch["noise"]), rtol=1e-6)
+  np.testing.assert_allclose(float(sample_flat), mean_over_flat(draw), rtol=1e-6)
 
 
 def test_flat_weight_excludes_edges_texture_and_air():

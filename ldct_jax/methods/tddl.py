@@ -65,13 +65,17 @@ def partition_train_patients(train_ids, noise_fraction: float, paired: bool):
 
 
 def estimate_noise_level_hu(volumes, normalization: Normalization, max_slices: int = 8,
-                            range_factor: float = 5.0) -> float:
-  """Body noise std (HU) of LDCT from LDCT alone, via the VAE's noise extraction."""
+                            **extract_kwargs) -> float:
+  """Body noise std (HU) of LDCT from LDCT alone, via the VAE's noise extraction.
+
+  ``extract_kwargs`` go to ``vae.extract_noise`` (TDDL passes its bilateral
+  settings, ``extract_settings``).
+  """
   stds = []
   for volume in volumes:
     ld = volume.arrays["ld"]
     x = jnp.asarray(normalization.normalize(ld[spread_slices(ld.shape[0], max_slices)]))[..., None]
-    noise, _ = vae_lib.extract_noise(x, range_factor=range_factor)
+    noise, _ = vae_lib.extract_noise(x, **extract_kwargs)
     body = np.asarray(x[..., 0]) > float(normalization.normalize(-900.0))
     stds.append(float(np.std(np.asarray(noise[..., 0])[body])) * normalization.scale)
   return float(np.mean(stds))
@@ -89,7 +93,7 @@ def in_plane_pixel_size(dataset, patient_id: str) -> float:
 
 
 def make_noise_fn(source: str, normalization: Normalization, noise_std_hu: float, vae_model=None,
-                  *, noise_gain: float = 1.0, range_factor: float = 5.0):
+                  *, noise_gain: float = 1.0, extract_kwargs=None):
   """``(aux, nd_norm, rng, noise_map=None) -> pseudo_ld_norm`` for a batch.
 
   Batches are NHWC or NDHWC slabs. ``aux`` holds, for 'vae', the frozen VAE
@@ -110,7 +114,7 @@ def make_noise_fn(source: str, normalization: Normalization, noise_std_hu: float
     def add(aux, nd, rng, noise_map=None):
       return per_slice(lambda x, m, r: vae_lib.synthesize(
           aux["variables"], x, r, model=vae_model, noise_map=m,
-          noise_gain=noise_gain * aux["sample_gain"], range_factor=range_factor),
+          noise_gain=noise_gain * aux["sample_gain"], **(extract_kwargs or {})),
           nd, noise_map, rng)
   elif source == "gaussian":
     def add(aux, nd, rng, noise_map=None):
@@ -130,6 +134,13 @@ def make_noise_fn(source: str, normalization: Normalization, noise_std_hu: float
   return add
 
 
+def extract_settings(cfg) -> dict:
+  """``vae.extract_noise`` keywords from the ``config.tddl`` section."""
+  return {"range_factor": float(cfg.range_factor),
+          "radius": int(cfg.get("bilateral_radius", 3)),
+          "spatial_sigma": float(cfg.get("bilateral_sigma", 1.5))}
+
+
 class NoiseModelState(train_state.TrainState):
   """The VAE's train state plus EMAs of the training noise's and the samples' mean squares."""
   data_mean_square: jax.Array = None
@@ -147,7 +158,7 @@ class DenoiserState(supervised.TrainState):
 def build(config, dataset) -> MethodSpec:
   cfg = config.tddl
   source = cfg.noise_source
-  range_factor = float(cfg.range_factor)
+  extract = extract_settings(cfg)
   normalization = Normalization.from_config(config.data.normalization)
   slab = int(config.data.get("slab", 1))
   denoiser = models.get_model(config.model)
@@ -194,8 +205,8 @@ def build(config, dataset) -> MethodSpec:
                                   sample_mean_square=jnp.ones((), jnp.float32))
 
   def vae_step(state, batch, rng):
-    vae_batch = vae_lib.noise_batch(batch["ld"], batch.get("noise_map"), range_factor=range_factor,
-                                    flat_edge_hu=float(cfg.vae.flat_edge_hu))
+    vae_batch = vae_lib.noise_batch(batch["ld"], batch.get("noise_map"),
+                                    flat_edge_hu=float(cfg.vae.flat_edge_hu), **extract)
     kl_weight = vae_lib.kl_weight_schedule(state.step, int(cfg.vae.kl_warmup_steps),
                                            float(cfg.vae.kl_weight))
     loss_fn = functools.partial(vae_lib.elbo_loss, model=vae_model,
@@ -204,7 +215,10 @@ def build(config, dataset) -> MethodSpec:
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         {"params": state.params}, vae_batch, loss_rng, kl_weight)
     state = state.apply_gradients(grads=grads["params"])
-    new = vae_lib.level_moments({"params": state.params}, vae_batch, level_rng, model=vae_model)
+    # The level is calibrated on pixels whose extracted noise can be trusted
+    # (``tddl.vae.level_edge_hu``), which need not be the likelihood's.
+    new = vae_lib.level_moments({"params": state.params}, vae_batch, level_rng, model=vae_model,
+                                edge_hu=float(cfg.vae.get("level_edge_hu", 0.0)))
     # The first step (state.step is 1 after it) replaces the placeholder 1s.
     data_ms, sample_ms = vae_lib.update_level_moments(
         (state.data_mean_square, state.sample_mean_square), new, state.step == 1)
@@ -228,9 +242,9 @@ def build(config, dataset) -> MethodSpec:
   noise_std_hu = float(cfg.get("noise_std_hu", 0.0))
   if source != "vae" and noise_std_hu <= 0 and dataset is not None:
     noise_std_hu = cfg.noise_gain * estimate_noise_level_hu(
-        volumes(noise_ids, "ld"), normalization, range_factor=range_factor)
+        volumes(noise_ids, "ld"), normalization, **extract)
   add_noise = make_noise_fn(source, normalization, noise_std_hu, vae_model,
-                            noise_gain=float(cfg.noise_gain), range_factor=range_factor)
+                            noise_gain=float(cfg.noise_gain), extract_kwargs=extract)
   loss_fn = supervised.make_loss_fn(config.loss)
   tx = make_optimizer(config.optim, config.train.num_steps)
   paired_step = supervised.make_train_step(denoiser, loss_fn)
@@ -278,7 +292,7 @@ def build(config, dataset) -> MethodSpec:
     level_hu = noise_std_hu
     if level_hu <= 0:
       level_hu = cfg.noise_gain * estimate_noise_level_hu(
-          volumes(noise_ids, "ld"), normalization, range_factor=range_factor)
+          volumes(noise_ids, "ld"), normalization, **extract)
     return noise_fidelity(states, dataset, add_noise, normalization, level_hu,
                           int(config.eval.get("noise_max_slices", 8)), config.seed, use_map)
 
@@ -298,7 +312,9 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
   test patients' LD - ND ('gaussian', 'image_poisson': an oracle level, from
   the paired test data no method has), and at ``noise_std_hu``, the level
   estimated from the noise patients' LDCT that the baseline arms train with
-  ('*_ldct_level'). The synthetic noise gets no paired data at all.
+  ('*_ldct_level'). The synthetic noise gets no paired data at all; its
+  'synthetic_matched' row rescales it to the oracle std like the baselines,
+  to compare shapes at equal variance.
   """
   volumes = dataset.split("test")
   picks = [spread_slices(v.num_slices, max_slices) for v in volumes]
@@ -315,13 +331,28 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
   real_std = float(np.std((ld - nd)[nd > -900]))
   key_g, key_p = jax.random.split(jax.random.PRNGKey(seed + 29))
   candidates = {"synthetic": pseudo_hu}
+  # The synthetic noise rescaled to the real std, as the baselines are: at
+  # equal variance the rows compare the noise's shape (spectrum, histogram,
+  # HU dependence) alone.
+  added = pseudo_hu - nd
+  candidates["synthetic_matched"] = nd + added * (real_std / float(np.std(added[nd > -900])))
   for suffix, std in (("", real_std), ("_ldct_level", noise_std_hu)):
     candidates["gaussian" + suffix] = nd + np.asarray(
         noise_stats.gaussian_noise_like(nd, std, key_g))
     candidates["image_poisson" + suffix] = nd + np.asarray(
         noise_stats.image_poisson_noise_like(nd, std, key_p, nd > -900))
   table = noise_stats.noise_fidelity_table(candidates, ld, nd, spacing)
-  return {"reference": ("NDCT; real noise = LDCT - NDCT; 'gaussian'/'image_poisson' matched to "
+  # Body noise std per patient: a level error specific to one anatomy (e.g.
+  # lung texture taken for noise) averages out in the pooled rows.
+  per_patient, start = {}, 0
+  for volume, pick in zip(volumes, picks):
+    rows = slice(start, start + len(pick))
+    start += len(pick)
+    body = nd[rows] > -900
+    per_patient[volume.patient_id] = {
+        "synthetic_std_hu": float(np.std((pseudo_hu[rows] - nd[rows])[body])),
+        "real_std_hu": float(np.std((ld[rows] - nd[rows])[body]))}
+  return {"per_patient_body_std": per_patient,"reference": ("NDCT; real noise = LDCT - NDCT; 'gaussian'/'image_poisson' matched to "
                         f"its std ({real_std:.1f} HU, oracle), '*_ldct_level' at the level "
                         f"estimated from the noise patients' LDCT ({noise_std_hu:.1f} HU)"),
           "num_slices": int(nd.shape[0]), "candidates": table,

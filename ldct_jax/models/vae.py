@@ -38,11 +38,34 @@ ELBO of the observed pixels. On the built-in data the residual over those
 pixels has the true LDCT noise's std in the chest (16.0 vs 16.0 HU) and
 0.93x it in the abdomen (the bilateral's flat-region low-pass), while over
 the whole chest body it is 1.27x (20.0 vs 15.7 HU: lung vessels leak in).
-Trained on every pixel, the VAE's noise was 32-48% too strong on chest
-patients; on flat pixels, 8-22% too weak on all patients (measured on the
-six non-noise patients, one VAE each). The GCN trained on the stronger
-noise denoised better (test abdomen/lung PSNR 35.97/44.13 vs 35.60/42.61
-dB), so ``flat_edge_hu`` defaults to 0 (every pixel) in configs/tddl.py.
+
+The level, and why TDDL's default takes it from the physics map
+(``level_from_map``) and learns only the shape. Three things set how strong
+the samples are: the local scale ``s(c)``, the decoder's amplitude (its FiLM
+sees the structure), and the ``sample_gain`` calibration (``level_moments``
+over ``tddl.vae.level_edge_hu`` pixels). Measured on the test patients of
+the TDDL default run (SIM007 abdomen / SIM008 chest, 500 VAE steps, body
+std of synthetic / real LD - ND noise; 2026-11-21):
+
+  likelihood  s(c)           gain pixels  abdomen     chest       NPS rel L2  W1 (HU)
+  all         learnt (map)   all          -           1.32-1.48x  0.360       3.12
+  all         learnt (map)   flat         0.95x       1.33x       0.247       1.62
+  all         map only       flat         0.95x       1.30x       0.251       1.51
+  all         map only       all          1.05x       1.45x       0.361       3.00
+  flat        map only       flat         0.95x       0.90x       0.240       1.59
+
+Whenever the likelihood sees the lung's texture the chest comes out ~1.3x
+too strong, whatever sets ``s(c)``: the decoder's structure-driven FiLM
+learns "lung looks noisier". With the likelihood on flat pixels and the
+level from the map, the chest/abdomen ratio is right (0.90 vs 0.95x) and
+the NPS peaks where the real one does (0.206 mm^-1, against 0.251 for every
+all-pixel variant). The remaining ~7% deficit is the bilateral's flat-region
+low-pass. A wider bilateral (spatial sigma 3 px, radius 6) to keep more of
+the noise's low frequencies put smooth anatomy into the "noise" instead
+(NPS peak at 0.023 mm^-1, rel. L2 1.16), so sigma stays 1.5 px.
+Before the map took the level, flat-only training with a learnt ``s(c)``
+gave noise 8-22% too weak on all patients (``s(c)`` extrapolated badly to
+the structures it never saw).
 
 Range scale: ``range_factor`` (default 3) times a robust per-image noise
 estimate, the median absolute difference of horizontally adjacent body pixels
@@ -329,6 +352,11 @@ class NoiseVAE(nn.Module):
       ``p(noise | c)`` is Gaussian (see the module docstring).
     use_noise_map: the condition has a second channel,
       ``fbp_noise_log_std`` of the slice (see the module docstring).
+    level_from_map: the local scale is the physics alone, ``log s(c) =
+      log noise_scale + b + (map - NOISE_MAP_OFFSET)`` with one learnt
+      scalar ``b``: no learnt dependence on the structure channel and a
+      map weight fixed at 1 (needs ``use_noise_map``; see the module
+      docstring for why).
     conv_lowering: conv lowering passed to every conv (see ``layers``).
   """
 
@@ -342,6 +370,7 @@ class NoiseVAE(nn.Module):
   fixed_sigma: float = 0.3
   linear_decoder: bool = True
   use_noise_map: bool = False
+  level_from_map: bool = False
   conv_lowering: str = "auto"
 
   def setup(self):
@@ -367,7 +396,13 @@ class NoiseVAE(nn.Module):
       raise ValueError(f"sigma_mode must be one of {SIGMA_MODES}, got {self.sigma_mode!r}")
     if not self.fixed_sigma > 0:
       raise ValueError(f"fixed_sigma must be positive, got {self.fixed_sigma}")
-    if self.use_noise_map:
+    if self.level_from_map and not self.use_noise_map:
+      raise ValueError("level_from_map needs use_noise_map=True")
+    if self.level_from_map:
+      # One global log-offset: the level's shape across pixels and patients
+      # is the physics map's.
+      self.level_offset = self.param("level_offset", nn.initializers.zeros, ())
+    elif self.use_noise_map:
       # d log s / d log std_FBP: 1 is the physics (std proportional to the
       # map's exp), learnt so that a miscalibrated map can be corrected.
       self.noise_map_weight = self.param("noise_map_weight", nn.initializers.ones, ())
@@ -458,9 +493,13 @@ class NoiseVAE(nn.Module):
     h = act(self.dec_mix(h))
     # Bounded to noise_scale x [e^-3, e^3] (0.8 to 320 HU by default): an
     # unbounded exp let one bad step blow the scale up by orders of magnitude.
-    log_scale = (math.log(self.noise_scale)
-                 + 3.0 * jnp.tanh(self.cond_log_scale(cond) / 3.0))
-    if self.use_noise_map:
+    if self.level_from_map:
+      log_scale = (math.log(self.noise_scale) + self.level_offset
+                   + condition[..., 1:] - NOISE_MAP_OFFSET)
+    else:
+      log_scale = (math.log(self.noise_scale)
+                   + 3.0 * jnp.tanh(self.cond_log_scale(cond) / 3.0))
+    if self.use_noise_map and not self.level_from_map:
       log_scale = log_scale + self.noise_map_weight * (condition[..., 1:] - NOISE_MAP_OFFSET)
     mean = jnp.exp(log_scale) * self.dec_out(h)
     # Floor at 1% of the local scale so the NLL cannot run to -inf on a
@@ -605,7 +644,8 @@ def elbo_loss(params, batch: dict, rng: Array, kl_weight, *, model: NoiseVAE,
   return loss, metrics
 
 
-def level_moments(params, batch: dict, rng: Array, *, model: NoiseVAE) -> Tuple[Array, Array]:
+def level_moments(params, batch: dict, rng: Array, *, model: NoiseVAE,
+                  edge_hu: Optional[float] = None) -> Tuple[Array, Array]:
   """Mean squares of the training noise and of a model sample on the same conditions.
 
   ``sample_gain = sqrt(EMA(data) / EMA(sample))`` over training is the
@@ -613,11 +653,20 @@ def level_moments(params, batch: dict, rng: Array, *, model: NoiseVAE) -> Tuple[
   ``synthesize``). It only uses the training batch (LDCT), never paired
   data.
 
+  Args:
+    params, batch, rng, model: as ``elbo_loss``.
+    edge_hu: average over ``flat_weight(structure, edge_hu)`` pixels (0:
+      all), where the extracted noise can be trusted; None uses the batch's
+      own ``'weight'`` (the likelihood's pixels).
+
   Returns:
     ``(data_mean_square, sample_mean_square)``, scalars in network units^2.
   """
   draw = model.apply(params, batch["condition"], rng, method=NoiseVAE.sample)
-  weight = batch.get("weight")
+  if edge_hu is None:
+    weight = batch.get("weight")
+  else:
+    weight = flat_weight(batch["condition"][..., :1], edge_hu)
   weight = jnp.ones_like(draw) if weight is None else weight
   pixels = jnp.maximum(jnp.sum(weight), 1.0)
   return (jnp.sum(weight * jnp.square(batch["noise"])) / pixels,
