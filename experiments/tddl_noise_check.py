@@ -27,7 +27,11 @@ the candidate's ``pseudo - ND`` (the added noise) against ``LD - ND``.
   the VAE samples' rms, EMAs over training: LDCT of the noise patients
   only), never from the paired data. The VAE is conditioned on
   ``physics.ct.fbp_noise_log_std`` of each slice (``--noise_map 0`` drops
-  it; ``--calibrate 0`` drops the calibration).
+  it; ``--calibrate 0`` drops the calibration). The defaults mirror
+  configs/tddl.py: likelihood and calibration on flat pixels
+  (``--flat_edge_hu``/``--level_edge_hu`` 40), level from the map
+  (``--level_from_map 1``), no structure in the decoder's FiLM
+  (``--structure_film 0``).
 * Gaussian and image-Poisson baselines: std matched to ``std(LD - ND)`` in
   the body, which uses the paired data, so they get the overall level for
   free; the VAE has to find it.
@@ -92,6 +96,8 @@ def parse_args():
                       help="level calibration on pixels whose structure gradient < this (0: all)")
   parser.add_argument("--level_from_map", type=int, default=1,
                       help="1: the VAE's local scale is the physics map's (NoiseVAE.level_from_map)")
+  parser.add_argument("--structure_film", type=int, default=0,
+                      help="1: the decoder's FiLM also sees the structure (NoiseVAE.structure_film)")
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args()
 
@@ -203,7 +209,8 @@ def main():
   model = vae.NoiseVAE(latent_channels=args.latent_channels, features=args.features,
                        num_down=args.num_down, sigma_mode=args.sigma_mode,
                        fixed_sigma=args.fixed_sigma, use_noise_map=bool(args.noise_map),
-                       level_from_map=bool(args.noise_map and args.level_from_map))
+                       level_from_map=bool(args.noise_map and args.level_from_map),
+                       structure_film=bool(args.structure_film or not args.noise_map))
   params, sample_gain, log, train_seconds = train_vae(
       model, [dataset.volumes[p] for p in NOISE_PATIENTS], pixel_size, args)
   print(f"trained {args.steps} steps in {train_seconds:.0f} s", flush=True)

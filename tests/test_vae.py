@@ -260,6 +260,37 @@ def test_level_from_map_ignores_structure_and_follows_the_map_exactly():
         jax.random.PRNGKey(0), z, water, method=vae.NoiseVAE.decode)
 
 
+def test_structure_film_off_makes_the_model_blind_to_local_hu():
+  # With a trained (non-zero) FiLM the decoder's output depends on the
+  # structure channel; with structure_film=False it must not, while the map
+  # still modulates it.
+  z = jax.random.normal(jax.random.PRNGKey(6), (1, 16, 16, 2))
+  water = jnp.full((1, 16, 16, 1), 0.25)
+  bone = water.at[:, :, 8:].set(0.5)
+  condition = lambda s, m: vae.make_condition(s, jnp.full_like(s, m))
+  outputs = {}
+  for structure_film in (True, False):
+    model = vae.NoiseVAE(latent_channels=2, features=4, num_down=0, use_noise_map=True,
+                         level_from_map=True, structure_film=structure_film)
+    params = model.init(jax.random.PRNGKey(0), z, condition(water, 2.5),
+                        method=vae.NoiseVAE.decode)
+    film = params["params"]["cond_film"]["kernel"]
+    params["params"]["cond_film"]["kernel"] = 0.5 * jax.random.normal(jax.random.PRNGKey(8),
+                                                                     film.shape)
+    decode = lambda c: model.apply(params, z, c, method=vae.NoiseVAE.decode)
+    outputs[structure_film] = [decode(condition(water, 2.5)), decode(condition(bone, 2.5)),
+                               decode(condition(water, 2.0))]
+  water_on, bone_on, _ = outputs[True]
+  water_off, bone_off, low_map_off = outputs[False]
+  assert float(jnp.max(jnp.abs(bone_on - water_on))) > 1e-3 * float(jnp.max(jnp.abs(water_on)))
+  np.testing.assert_allclose(bone_off, water_off, rtol=1e-6, atol=1e-9)
+  assert float(jnp.max(jnp.abs(low_map_off - water_off))) > 1e-3 * float(
+      jnp.max(jnp.abs(water_off)))
+  with pytest.raises(ValueError, match="structure_film"):
+    vae.NoiseVAE(latent_channels=2, features=4, structure_film=False).init(
+        jax.random.PRNGKey(0), z, water, method=vae.NoiseVAE.decode)
+
+
 def test_level_moments_compare_training_noise_with_samples(trained):
   model, params, batch, *_ = trained
   data_ms, sample_ms = vae.level_moments(params, batch, jax.random.PRNGKey(4), model=model)

@@ -40,32 +40,40 @@ pixels has the true LDCT noise's std in the chest (16.0 vs 16.0 HU) and
 the whole chest body it is 1.27x (20.0 vs 15.7 HU: lung vessels leak in).
 
 The level, and why TDDL's default takes it from the physics map
-(``level_from_map``) and learns only the shape. Three things set how strong
-the samples are: the local scale ``s(c)``, the decoder's amplitude (its FiLM
-sees the structure), and the ``sample_gain`` calibration (``level_moments``
+(``level_from_map``), keeps local HU out of the generative path
+(``structure_film=False``) and learns from flat pixels only. Three things
+set how strong the samples are: the local scale ``s(c)``, the decoder's
+amplitude (its FiLM), and the ``sample_gain`` calibration (``level_moments``
 over ``tddl.vae.level_edge_hu`` pixels). Measured on the test patients of
-the TDDL default run (SIM007 abdomen / SIM008 chest, 500 VAE steps, body
-std of synthetic / real LD - ND noise; 2026-11-21):
+the TDDL default run (SIM007 abdomen / SIM008 chest, 500 VAE steps; body
+std of synthetic / real LD - ND noise, then std-vs-HU error, NPS rel. L2,
+NPS peak (real: 0.206 mm^-1) and W1; 2026-11-21):
 
-  likelihood  s(c)           gain pixels  abdomen     chest       NPS rel L2  W1 (HU)
-  all         learnt (map)   all          -           1.32-1.48x  0.360       3.12
-  all         learnt (map)   flat         0.95x       1.33x       0.247       1.62
-  all         map only       flat         0.95x       1.30x       0.251       1.51
-  all         map only       all          1.05x       1.45x       0.361       3.00
-  flat        map only       flat         0.95x       0.90x       0.240       1.59
+  likelihood  s(c)          FiLM sees   gain   abdomen  chest       HU     NPS    peak   W1
+  all         learnt (map)  structure   all    -        1.32-1.48x  0.110  0.360  0.251  3.12
+  all         learnt (map)  structure   flat   0.95x    1.33x       0.108  0.247  0.251  1.62
+  all         map only      structure   flat   0.95x    1.30x       0.108  0.251  0.251  1.51
+  all         map only      structure   all    1.05x    1.45x       0.112  0.361  0.251  3.00
+  flat        map only      structure   flat   0.95x    0.90x       0.191  0.240  0.206  1.59
+  all         map only      map only    flat   -        -           0.196  0.271  0.251  1.84
+  flat        map only      map only    flat   0.92x    1.03x       0.089  0.199  0.206  0.50
 
 Whenever the likelihood sees the lung's texture the chest comes out ~1.3x
-too strong, whatever sets ``s(c)``: the decoder's structure-driven FiLM
-learns "lung looks noisier". With the likelihood on flat pixels and the
-level from the map, the chest/abdomen ratio is right (0.90 vs 0.95x) and
-the NPS peaks where the real one does (0.206 mm^-1, against 0.251 for every
-all-pixel variant). The remaining ~7% deficit is the bilateral's flat-region
-low-pass. A wider bilateral (spatial sigma 3 px, radius 6) to keep more of
-the noise's low frequencies put smooth anatomy into the "noise" instead
-(NPS peak at 0.023 mm^-1, rel. L2 1.16), so sigma stays 1.5 px.
-Before the map took the level, flat-only training with a learnt ``s(c)``
-gave noise 8-22% too weak on all patients (``s(c)`` extrapolated badly to
-the structures it never saw).
+too strong and the NPS peaks too high: the decoder learns "lung looks
+noisier" (through its structure FiLM, or, without it, by making all noise
+more textured). On flat pixels alone the texture stays out, but a FiLM that
+sees the structure must then extrapolate to the edges and lung it never
+saw; with the map as the only condition of the generative path nothing
+needs extrapolating, and every statistic is best (last row; Gaussian and
+image-Poisson noise at the real std score 0.323/0.325/1.29 and
+0.219/0.350/0.50). The GCN trained on the FiLM-on-structure flat variant
+(row 5) denoised worse than on the all-pixel default of row 1 (test
+abdomen/lung PSNR 35.70/43.06 vs 35.97/44.13 dB). The remaining ~5% deficit
+is the bilateral's flat-region low-pass; a wider bilateral (spatial sigma 3
+px, radius 6) put smooth anatomy into the "noise" instead (NPS peak at 0.023
+mm^-1, rel. L2 1.16), so sigma stays 1.5 px. What the map-only path cannot
+learn: noise texture tied to local anatomy (e.g. streaks from bone), which
+the map's per-slice ray physics only captures as a level.
 
 Range scale: ``range_factor`` (default 3) times a robust per-image noise
 estimate, the median absolute difference of horizontally adjacent body pixels
@@ -357,6 +365,9 @@ class NoiseVAE(nn.Module):
       scalar ``b``: no learnt dependence on the structure channel and a
       map weight fixed at 1 (needs ``use_noise_map``; see the module
       docstring for why).
+    structure_film: the decoder's FiLM sees the structure channel; False:
+      only the noise map (needs ``use_noise_map``), so nothing the VAE
+      learns can tie the noise's amplitude or texture to local HU.
     conv_lowering: conv lowering passed to every conv (see ``layers``).
   """
 
@@ -371,6 +382,7 @@ class NoiseVAE(nn.Module):
   linear_decoder: bool = True
   use_noise_map: bool = False
   level_from_map: bool = False
+  structure_film: bool = True
   conv_lowering: str = "auto"
 
   def setup(self):
@@ -398,6 +410,9 @@ class NoiseVAE(nn.Module):
       raise ValueError(f"fixed_sigma must be positive, got {self.fixed_sigma}")
     if self.level_from_map and not self.use_noise_map:
       raise ValueError("level_from_map needs use_noise_map=True")
+    if not self.structure_film and not self.use_noise_map:
+      raise ValueError("structure_film=False needs use_noise_map=True (the map is then the "
+                       "only condition)")
     if self.level_from_map:
       # One global log-offset: the level's shape across pixels and patients
       # is the physics map's.
@@ -426,6 +441,8 @@ class NoiseVAE(nn.Module):
 
   def _condition_features(self, condition: Array) -> Array:
     h = self._normalize_condition(condition)
+    if not self.structure_film:
+      h = h[..., 1:]
     for layer in self.cond_net:
       h = nn.relu(layer(h))
     return h
