@@ -65,7 +65,7 @@ def get_config(variant: str = ""):
 
   # The denoiser: GCN sized for a 2-core CPU (the paper's is 32 ch, 3 blocks).
   config.model = ml_collections.ConfigDict(dict(
-      name="gcn", features=16, num_blocks=2, k=8, search_window=11, rank=11))
+      name="gcn", features=16, num_blocks=2, k=8, search_window=11, rank=11, search_patch=0))
   config.data.update(dict(patch_size=32, batch_size=16))
   config.optim.update(dict(lr=1e-3, schedule="cosine", end_lr_factor=0.05, grad_clip=1.0))
   config.train.update(dict(num_steps=1000, log_every=50, eval_every=500, checkpoint_every=250))

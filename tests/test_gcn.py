@@ -165,6 +165,22 @@ def test_graph_conv_matches_dense_theta_reference(chunk_rows):
   assert float(jnp.std(out)) > 0.1  # the reference comparison is not 0 == 0
 
 
+def test_box_average_matches_numpy_and_search_patch_searches_on_it():
+  feats = _random((2, 6, 7, 3), 9)
+  padded = np.pad(np.asarray(feats, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+  expected = sum(padded[:, dy:dy + 6, dx:dx + 7] for dy in range(3) for dx in range(3)) / 9.0
+  np.testing.assert_allclose(gcn.box_average(feats, 1), expected, rtol=1e-5, atol=1e-6)
+  assert gcn.box_average(feats, 0) is feats
+  # The layer's graph is the kNN of the box-averaged features; the labels and
+  # weights still come from the pixels' own features (the dense reference).
+  layer = gcn.GraphConv(4, k=3, search_window=5, rank=2, search_patch=1)
+  params = layer.init(jax.random.PRNGKey(7), feats)["params"]
+  indices, _ = gcn.knn_graph(gcn.box_average(feats, 1), 3, 5)
+  assert not np.array_equal(indices, gcn.knn_graph(feats, 3, 5)[0])  # the choice matters
+  np.testing.assert_allclose(layer.apply({"params": params}, feats),
+                             _graph_conv_reference(params, feats, indices, 2), **TOL)
+
+
 def test_graph_conv_chunked_gradients_match_unchunked():
   feats = _random((1, 6, 5, 3), 8)
   whole = gcn.GraphConv(3, k=3, search_window=5, rank=2, chunk_rows=6)

@@ -302,6 +302,16 @@ def _edge_conv_rows(params: Tuple[Array, ...], flat: Array, center: Array,
   return out.reshape(batch, rows, width, out_features)
 
 
+def box_average(features: Array, radius: int) -> Array:
+  """Mean over the ``(2 radius + 1)^2`` window (edge-padded), per channel; 0 is the identity."""
+  if radius <= 0:
+    return features
+  size = 2 * radius + 1
+  padded = jnp.pad(features, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
+  total = lax.reduce_window(padded, 0.0, lax.add, (1, size, size, 1), (1, 1, 1, 1), "VALID")
+  return total / (size * size)
+
+
 class GraphConv(nn.Module):
   """Non-local lightweight edge-conditioned graph convolution (GCDN ECC).
 
@@ -313,6 +323,11 @@ class GraphConv(nn.Module):
     search_window: odd side of the neighbour search window.
     rank: rank r of each edge's C_out x C_in weight matrix (paper: 11).
     exclude_radius: local patch radius excluded from the graph (1: 3x3).
+    search_patch: neighbours are searched on features box-averaged over
+      ``(2 search_patch + 1)^2`` pixels (0: the pixel's own features), i.e.
+      by patch similarity as non-local means does: on noisy inputs the
+      distance of single-pixel features is dominated by the noise.
+      Parameter-free; the edge labels stay the pixels' own differences.
     chunk_rows: image rows per chunk for the graph search and the edge
       network; None picks them from ``KNN_CHUNK_BYTES``/``EDGE_CHUNK_BYTES``.
       Results do not depend on it.
@@ -326,6 +341,7 @@ class GraphConv(nn.Module):
   exclude_radius: int = 1
   chunk_rows: Optional[int] = None
   param_dtype: Any = jnp.float32
+  search_patch: int = 0
 
   @nn.compact
   def __call__(self, x: Array, graph: Optional[Graph] = None) -> Array:
@@ -343,8 +359,8 @@ class GraphConv(nn.Module):
       raise ValueError(f"GraphConv takes (B, H, W, C), got {x.shape}")
     batch, height, width, in_features = x.shape
     if graph is None:
-      graph = knn_graph(x, self.k, self.search_window, self.exclude_radius,
-                        self.chunk_rows)
+      graph = knn_graph(box_average(x, self.search_patch), self.k, self.search_window,
+                        self.exclude_radius, self.chunk_rows)
     indices = graph[0]
     if indices.shape != (batch, height, width, self.k):
       raise ValueError(f"graph indices {indices.shape} do not match "
@@ -393,6 +409,7 @@ class GCNBlock(nn.Module):
     exclude_radius: local patch radius excluded from the graph.
     chunk_rows: see ``GraphConv``.
     conv_lowering: lowering of the local conv (see ``layers``).
+    search_patch: see ``GraphConv``.
   """
 
   features: int
@@ -402,6 +419,7 @@ class GCNBlock(nn.Module):
   exclude_radius: int = 1
   chunk_rows: Optional[int] = None
   conv_lowering: str = "auto"
+  search_patch: int = 0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -410,7 +428,7 @@ class GCNBlock(nn.Module):
                  name="local")(x)
     nonlocal_ = GraphConv(self.features, self.k, self.search_window,
                           self.rank, self.exclude_radius, self.chunk_rows,
-                          name="graph")(x)
+                          search_patch=self.search_patch, name="graph")(x)
     alpha = self.param("alpha", nn.initializers.constant(0.5), ())
     beta = self.param("beta", nn.initializers.constant(0.5), ())
     return nn.relu(alpha * local + beta * nonlocal_)
@@ -433,6 +451,7 @@ class GCNDenoiser(nn.Module):
     chunk_rows: see ``GraphConv``; set it (or rely on the byte budgets) for
       whole 512x512 slices.
     conv_lowering: lowering of every conv (see ``layers``).
+    search_patch: see ``GraphConv`` (0: GCDN's pixel features).
   """
 
   features: int = 32
@@ -442,6 +461,7 @@ class GCNDenoiser(nn.Module):
   rank: int = 11
   chunk_rows: Optional[int] = None
   conv_lowering: str = "auto"
+  search_patch: int = 0
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -462,7 +482,7 @@ class GCNDenoiser(nn.Module):
                      name="conv_in")(x))
     for block in range(self.num_blocks):
       h = GCNBlock(self.features, self.k, self.search_window, self.rank,
-                   chunk_rows=self.chunk_rows,
+                   chunk_rows=self.chunk_rows, search_patch=self.search_patch,
                    conv_lowering=self.conv_lowering, name=f"block{block}")(h)
     noise = Conv(x.shape[-1], (3, 3), lowering=self.conv_lowering,
                  name="conv_out")(h)
