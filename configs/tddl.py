@@ -7,8 +7,8 @@ a GCN denoiser (Chen et al., ICONIP 2020) on pseudo-LDCT made online from the
 NDCT of the other half, then evaluation on true test pairs plus a noise
 fidelity report (synthetic vs real LDCT noise, with Gaussian/Poisson baselines).
 Measured (2026-11-21, test patients SIM007/SIM008, data range 1): abdomen window
-[-160, 240] HU 33.56 -> 35.97 dB, lung 41.30 -> 44.13 dB, RMSE 13.66 -> 9.99 HU,
-in ~16 min; `experiments/tddl_ablation.py` compares noise sources and denoisers
+[-160, 240] HU 33.56 -> 35.77 dB, lung 41.30 -> 44.05 dB, RMSE 13.66 -> 10.07 HU,
+in ~15 min; `experiments/tddl_ablation.py` compares noise sources and denoisers
 (README).
 
 Variants:
