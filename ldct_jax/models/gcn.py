@@ -328,6 +328,9 @@ class GraphConv(nn.Module):
       by patch similarity as non-local means does: on noisy inputs the
       distance of single-pixel features is dominated by the noise.
       Parameter-free; the edge labels stay the pixels' own differences.
+      Measured with the TDDL default GCN on true pairs (1000 steps): 1
+      gave test abdomen/lung PSNR 36.41/44.64 dB against 36.49/44.62 for
+      0, no gain at that size.
     chunk_rows: image rows per chunk for the graph search and the edge
       network; None picks them from ``KNN_CHUNK_BYTES``/``EDGE_CHUNK_BYTES``.
       Results do not depend on it.
