@@ -328,19 +328,20 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
       for v, pick in zip(volumes, picks)]))[..., None] if use_map else None)
   synth = jax.jit(add_noise)(state.noise_params, x, jax.random.PRNGKey(seed + 17), noise_map)
   pseudo_hu = np.asarray(normalization.denormalize(synth[..., 0]))
-  real_std = float(np.std((ld - nd)[nd > -900]))
+  body = nd > -900
+  real_noise, added = ld - nd, pseudo_hu - nd
+  real_std = float(np.std(real_noise[body]))
   key_g, key_p = jax.random.split(jax.random.PRNGKey(seed + 29))
   candidates = {"synthetic": pseudo_hu}
   # The synthetic noise rescaled to the real std, as the baselines are: at
   # equal variance the rows compare the noise's shape (spectrum, histogram,
   # HU dependence) alone.
-  added = pseudo_hu - nd
-  candidates["synthetic_matched"] = nd + added * (real_std / float(np.std(added[nd > -900])))
+  candidates["synthetic_matched"] = nd + added * (real_std / float(np.std(added[body])))
   for suffix, std in (("", real_std), ("_ldct_level", noise_std_hu)):
     candidates["gaussian" + suffix] = nd + np.asarray(
         noise_stats.gaussian_noise_like(nd, std, key_g))
     candidates["image_poisson" + suffix] = nd + np.asarray(
-        noise_stats.image_poisson_noise_like(nd, std, key_p, nd > -900))
+        noise_stats.image_poisson_noise_like(nd, std, key_p, body))
   table = noise_stats.noise_fidelity_table(candidates, ld, nd, spacing)
   # Body noise std per patient: a level error specific to one anatomy (e.g.
   # lung texture taken for noise) averages out in the pooled rows.
@@ -348,11 +349,11 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
   for volume, pick in zip(volumes, picks):
     rows = slice(start, start + len(pick))
     start += len(pick)
-    body = nd[rows] > -900
     per_patient[volume.patient_id] = {
-        "synthetic_std_hu": float(np.std((pseudo_hu[rows] - nd[rows])[body])),
-        "real_std_hu": float(np.std((ld[rows] - nd[rows])[body]))}
-  return {"per_patient_body_std": per_patient,"reference": ("NDCT; real noise = LDCT - NDCT; 'gaussian'/'image_poisson' matched to "
+        "synthetic_std_hu": float(np.std(added[rows][body[rows]])),
+        "real_std_hu": float(np.std(real_noise[rows][body[rows]]))}
+  return {"per_patient_body_std": per_patient,
+          "reference": ("NDCT; real noise = LDCT - NDCT; 'gaussian'/'image_poisson' matched to "
                         f"its std ({real_std:.1f} HU, oracle), '*_ldct_level' at the level "
                         f"estimated from the noise patients' LDCT ({noise_std_hu:.1f} HU)"),
           "num_slices": int(nd.shape[0]), "candidates": table,

@@ -516,8 +516,8 @@ class NoiseVAE(nn.Module):
     else:
       log_scale = (math.log(self.noise_scale)
                    + 3.0 * jnp.tanh(self.cond_log_scale(cond) / 3.0))
-    if self.use_noise_map and not self.level_from_map:
-      log_scale = log_scale + self.noise_map_weight * (condition[..., 1:] - NOISE_MAP_OFFSET)
+      if self.use_noise_map:
+        log_scale = log_scale + self.noise_map_weight * (condition[..., 1:] - NOISE_MAP_OFFSET)
     mean = jnp.exp(log_scale) * self.dec_out(h)
     # Floor at 1% of the local scale so the NLL cannot run to -inf on a
     # perfectly reconstructed batch.
