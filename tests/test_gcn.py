@@ -121,7 +121,7 @@ def test_knn_carries_no_gradient():
   np.testing.assert_array_equal(grad, 0.0)
 
 
-def _graph_conv_reference(params, feats, indices, rank):
+def _graph_conv_reference(params, feats, indices, rank, label_scale):
   """Dense reference: forms each edge's C_out x C_in Theta explicitly."""
   feats = np.asarray(feats, np.float64)
   p = {name: np.asarray(v, np.float64) for name, v in params.items()}
@@ -133,7 +133,12 @@ def _graph_conv_reference(params, feats, indices, rank):
   for b, y, x in itertools.product(range(batch), range(height), range(width)):
     nbrs = flat[b, np.asarray(indices[b, y, x])]
     labels = nbrs - feats[b, y, x]
-    logits = -np.sum(labels ** 2, axis=-1) / (cin * temperature)
+    spread = 1.0
+    if label_scale != "absolute":
+      spread = np.mean(np.sum(labels ** 2, axis=-1)) / cin + gcn.LABEL_SPREAD_EPS
+    logits = -np.sum(labels ** 2, axis=-1) / (cin * temperature * spread)
+    if label_scale == "local":
+      labels = labels / np.sqrt(spread)
     weights = np.exp(logits - logits.max())
     weights /= weights.sum()
     for label, nbr, weight in zip(labels, nbrs, weights):
@@ -149,17 +154,19 @@ def _graph_conv_reference(params, feats, indices, rank):
   return out / math.sqrt(rank * cin)
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 2])
-def test_graph_conv_matches_dense_theta_reference(chunk_rows):
+@pytest.mark.parametrize("chunk_rows,label_scale",
+                         [(None, "local"), (2, "local"), (None, "absolute"),
+                          (2, "local_weights")])
+def test_graph_conv_matches_dense_theta_reference(chunk_rows, label_scale):
   feats = _random((2, 6, 7, 3), 6)
   layer = gcn.GraphConv(4, k=3, search_window=5, rank=2,
-                        chunk_rows=chunk_rows)
+                        chunk_rows=chunk_rows, label_scale=label_scale)
   variables = layer.init(jax.random.PRNGKey(7), feats)
   # A temperature away from 1 so that it is exercised too.
   params = dict(variables["params"], log_temperature=jnp.float32(0.4))
   out = layer.apply({"params": params}, feats)
   indices, _ = gcn.knn_graph(feats, 3, 5)
-  expected = _graph_conv_reference(params, feats, indices, 2)
+  expected = _graph_conv_reference(params, feats, indices, 2, label_scale)
   assert out.shape == (2, 6, 7, 4)
   np.testing.assert_allclose(out, expected, **TOL)
   assert float(jnp.std(out)) > 0.1  # the reference comparison is not 0 == 0
@@ -178,7 +185,33 @@ def test_box_average_matches_numpy_and_search_patch_searches_on_it():
   indices, _ = gcn.knn_graph(gcn.box_average(feats, 1), 3, 5)
   assert not np.array_equal(indices, gcn.knn_graph(feats, 3, 5)[0])  # the choice matters
   np.testing.assert_allclose(layer.apply({"params": params}, feats),
-                             _graph_conv_reference(params, feats, indices, 2), **TOL)
+                             _graph_conv_reference(params, feats, indices, 2, "absolute"), **TOL)
+
+
+def test_local_label_scale_makes_graph_conv_homogeneous_in_feature_scale():
+  # With local scaling the softmax and the edge network see d_ij / sigma_i,
+  # unchanged when the features are scaled, so the output scales with them
+  # (Theta F_j, F_j scaled); with GCDN's absolute labels it does not.
+  feats = _random((1, 8, 8, 3), 21)
+  for label_scale, homogeneous in (("local", True), ("absolute", False)):
+    layer = gcn.GraphConv(4, k=3, search_window=5, rank=2, label_scale=label_scale)
+    variables = layer.init(jax.random.PRNGKey(22), feats)
+    out = layer.apply(variables, feats)
+    for scale in (1e-3, 30.0):
+      scaled = layer.apply(variables, feats * scale) / scale
+      assert np.allclose(scaled, out, rtol=1e-4, atol=1e-5) == homogeneous, (label_scale, scale)
+
+
+def test_local_label_scale_is_finite_on_flat_images():
+  # Every label is zero on a constant image (the zeros that models are
+  # initialised with): the spread's epsilon must keep values and gradients finite.
+  layer = gcn.GraphConv(3, k=3, search_window=5, rank=2, label_scale="local")
+  flat = jnp.full((1, 6, 6, 3), 0.25)
+  variables = layer.init(jax.random.PRNGKey(23), flat)
+  grads = jax.grad(lambda v, f: jnp.sum(layer.apply(v, f) ** 2), argnums=(0, 1))(variables, flat)
+  assert np.all(np.isfinite(layer.apply(variables, flat)))
+  for leaf in jax.tree.leaves(grads):
+    assert np.all(np.isfinite(leaf))
 
 
 def test_graph_conv_chunked_gradients_match_unchunked():
