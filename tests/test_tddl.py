@@ -1,6 +1,7 @@
 """TDDL end to end on tiny built-in data: stages, unpaired partition, stage resume, reports."""
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from configs import tddl as tddl_config
 from ldct_jax import run
+from ldct_jax.data.pipeline import Normalization, Volume
 from ldct_jax.methods import build_method, tddl
 from ldct_jax.train.loop import restore_stage_state
 
@@ -59,6 +61,42 @@ def test_pipeline_runs_all_stages_and_reports_noise_fidelity(uninterrupted):
     assert row["real_std_hu"] == pytest.approx(
         fidelity["candidates"]["synthetic"]["noise_std_real_hu"], rel=1e-5)
   assert report["model"].startswith("TDDL (vae noise) + gcn")
+
+
+def test_noise_fidelity_rescales_matched_rows_to_the_real_body_std():
+  # Two phantom "patients" whose real noise levels differ; the synthetic
+  # noise is white at a known level, so every row's body std is predictable.
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[:96, :96]
+  body = ((yy - 48) ** 2 + (xx - 48) ** 2) < 40 ** 2
+  nd = np.where(body, 40.0, -1000.0)[None].repeat(3, 0).astype(np.float32)
+  volumes = [Volume(pid, {"nd": nd, "ld": nd + rng.normal(0, std, nd.shape).astype(np.float32)})
+             for pid, std in (("P1", 10.0), ("P2", 20.0))]
+  dataset = types.SimpleNamespace(split=lambda name: volumes,
+                                  spacing={"P1": (1.0, 0.7, 0.7), "P2": (1.0, 0.7, 0.7)})
+  normalization = Normalization()
+  synthetic_std_hu = 30.0
+
+  def add_noise(params, x, key, noise_map):
+    return x + jax.random.normal(key, x.shape) * synthetic_std_hu / normalization.scale
+
+  states = {"denoiser": types.SimpleNamespace(noise_params=None)}
+  report = tddl.noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu=25.0,
+                               max_slices=3, seed=0, use_map=False)
+  rows = report["candidates"]
+  real_std = rows["synthetic"]["noise_std_real_hu"]
+  assert real_std == pytest.approx(np.sqrt((10.0 ** 2 + 20.0 ** 2) / 2), rel=0.03)
+  for name in ("synthetic_matched", "gaussian", "image_poisson"):
+    assert rows[name]["noise_std_candidate_hu"] == pytest.approx(real_std, rel=0.02), name
+  assert rows["synthetic"]["noise_std_candidate_hu"] == pytest.approx(synthetic_std_hu, rel=0.03)
+  assert rows["gaussian_ldct_level"]["noise_std_candidate_hu"] == pytest.approx(25.0, rel=0.03)
+  # White noise both: at the matched level the spectra agree, at 30 HU they do not.
+  assert rows["synthetic_matched"]["nps_rel_l2"] < 0.15 < 1.0 < rows["synthetic"]["nps_rel_l2"]
+  per_patient = report["per_patient_body_std"]
+  assert per_patient["P1"]["real_std_hu"] == pytest.approx(10.0, rel=0.05)
+  assert per_patient["P2"]["real_std_hu"] == pytest.approx(20.0, rel=0.05)
+  for row in per_patient.values():
+    assert row["synthetic_std_hu"] == pytest.approx(synthetic_std_hu, rel=0.05)
 
 
 def test_resume_inside_denoiser_keeps_noise_model_and_matches(builtin_cache, uninterrupted,

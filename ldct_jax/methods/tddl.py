@@ -328,7 +328,9 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
       for v, pick in zip(volumes, picks)]))[..., None] if use_map else None)
   synth = jax.jit(add_noise)(state.noise_params, x, jax.random.PRNGKey(seed + 17), noise_map)
   pseudo_hu = np.asarray(normalization.denormalize(synth[..., 0]))
-  body = nd > -900
+  # The table's own body mask: the rows matched to the real std then show
+  # exactly the real body std, and per-patient stds agree with the pooled one.
+  body = noise_stats.body_mask(nd)
   real_noise, added = ld - nd, pseudo_hu - nd
   real_std = float(np.std(real_noise[body]))
   key_g, key_p = jax.random.split(jax.random.PRNGKey(seed + 29))
