@@ -16,19 +16,23 @@ each noise source against the real LDCT noise.
 
 Every arm is an ordinary run of ``ldct_jax.run.train_and_evaluate`` in its own
 sub-workdir, so a killed ablation resumes where it stopped, and each arm's
-logs, checkpoints and panels stay inspectable.
+logs, checkpoints and panels stay inspectable. The b arms of the different
+denoisers need the same noise VAE: it is trained once and copied into the
+later arms (``tddl.noise_model_fingerprint``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tddl as tddl_config  # noqa: E402
 from ldct_jax import run  # noqa: E402
+from ldct_jax.methods import tddl as tddl_method  # noqa: E402
 from ldct_jax.windows import get_window  # noqa: E402
 
 ARMS = {
@@ -66,6 +70,31 @@ def arm_config(arm: str, denoiser: str, steps: int, cache_dir: str):
   # Only arm (a) scores the classical baseline: it does not depend on the arm.
   config.eval.classical = "auto" if arm == "a_true_pairs" else "none"
   return config
+
+
+def _trains_vae(config) -> bool:
+  return config.method == "tddl" and config.tddl.noise_source == "vae"
+
+
+def share_noise_model(config, workdir: str, finished: dict) -> None:
+  """Seeds ``workdir`` with an earlier arm's finished noise VAE if it is the same one.
+
+  The b arms of different denoisers train the identical VAE (equal
+  ``tddl.noise_model_fingerprint``); the run then resumes after that stage.
+  """
+  if not _trains_vae(config):
+    return
+  source = finished.get(tddl_method.noise_model_fingerprint(config))
+  target = os.path.join(workdir, "checkpoints", "noise_model")
+  if source and not os.path.exists(target):
+    shutil.copytree(source, target)
+    print(f"noise model: reusing the identical finished stage {source}", flush=True)
+
+
+def remember_noise_model(config, workdir: str, finished: dict) -> None:
+  stage_dir = os.path.join(workdir, "checkpoints", "noise_model")
+  if _trains_vae(config) and os.path.exists(os.path.join(stage_dir, "COMPLETED")):
+    finished.setdefault(tddl_method.noise_model_fingerprint(config), stage_dir)
 
 
 def summarise(results: dict, windows) -> str:
@@ -106,7 +135,7 @@ def main(argv=None):
                       help="train nothing: read each arm's eval/metrics.json (e.g. after "
                            "running groups of arms in parallel processes)")
   args = parser.parse_args(argv)
-  results, windows, missing = {}, None, []
+  results, windows, missing, noise_models = {}, None, [], {}
   for denoiser in args.denoisers.split(","):
     for arm in args.arms.split(","):
       if arm not in ARMS_OF.get(denoiser, ARMS):
@@ -123,8 +152,10 @@ def main(argv=None):
           report = json.load(f)
       else:
         print(f"\n=== {denoiser} / {arm} -> {workdir}", flush=True)
+        share_noise_model(config, workdir, noise_models)
         # Resumes an interrupted arm; a finished one is only re-evaluated.
         report = run.train_and_evaluate(config, workdir)
+        remember_noise_model(config, workdir, noise_models)
       results.setdefault(denoiser, {})[arm] = report
   table = summarise(results, windows)
   text = (f"## TDDL ablation (test split; PSNR/SSIM in windows {list(windows)}, data range 1; "

@@ -33,6 +33,7 @@ level estimated from the noise patients' LDCT; no VAE stage is trained).
 from __future__ import annotations
 
 import functools
+import json
 from typing import Dict
 
 import flax
@@ -153,6 +154,25 @@ class NoiseModelState(train_state.TrainState):
 class DenoiserState(supervised.TrainState):
   """The denoiser's train state plus the frozen noise-model parameters it samples from."""
   noise_params: flax.core.FrozenDict = flax.core.FrozenDict()
+
+
+# Fields of ``config.data`` read only by the denoiser's patch stream, not by
+# the noise model (whose patch size and batch are in ``config.tddl.vae``).
+_DENOISER_ONLY_DATA_FIELDS = ("patch_size", "batch_size", "augment", "slab")
+
+
+def noise_model_fingerprint(config) -> str:
+  """What the noise-model stage's result depends on, as a canonical JSON string.
+
+  Stage 1 reads ``config.tddl``, ``config.data`` (patients, splits,
+  normalisation, air skipping) except the denoiser's patch-stream fields, and
+  ``config.seed`` (it is always stage 0). Runs with equal fingerprints train
+  the identical VAE, so a finished one can be reused: the ablation shares it
+  between denoisers instead of retraining it per arm.
+  """
+  data = {k: v for k, v in config.data.to_dict().items() if k not in _DENOISER_ONLY_DATA_FIELDS}
+  return json.dumps({"tddl": config.tddl.to_dict(), "data": data, "seed": int(config.seed)},
+                    sort_keys=True, default=str)
 
 
 def build(config, dataset) -> MethodSpec:
