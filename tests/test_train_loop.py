@@ -76,6 +76,11 @@ def test_completed_stage_is_not_retrained_and_feeds_the_next(tmp_path):
   finals = run_stages(stages, str(tmp_path), seed=0, loop_cfg=CFG)
   assert os.path.getmtime(tmp_path / "checkpoints" / "first" / "COMPLETED") == first_mtime
   assert int(finals["second"]["count"]) == 6
+  # Global steps run on across stages; stage_step is the checkpoints' numbering.
+  records = [json.loads(l) for l in open(tmp_path / "logs" / "metrics.jsonl")]
+  second = [r for r in records if r["stage"] == "second" and "loss" in r]
+  assert [r["step"] - r["stage_step"] for r in second] == [4] * len(second)
+  assert second[-1]["stage_step"] == 6
   uninterrupted = run_stages(stages, str(tmp_path / "clean"), seed=0, loop_cfg=CFG)
   np.testing.assert_array_equal(np.asarray(uninterrupted["second"]["w"]),
                                 np.asarray(finals["second"]["w"]))

@@ -37,12 +37,15 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # deferred: heavy import
       self._tb = SummaryWriter(logdir=logdir)
 
-  def write(self, step: int, scalars: Mapping[str, float], *, stage: str = "") -> None:
+  def write(self, step: int, scalars: Mapping[str, float], *, stage: str = "",
+            stage_step: Optional[int] = None) -> None:
+    """Logs ``scalars`` at global ``step``; ``stage_step`` is the step within
+    ``stage``, the number its checkpoints carry (JSON lines only)."""
     if not self._enabled:
       return
     clean = {k: _to_float(v) for k, v in scalars.items()}
     record = {"step": int(step), "time": time.time(), **({"stage": stage} if stage else {}),
-              **clean}
+              **({"stage_step": int(stage_step)} if stage_step is not None else {}), **clean}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:

@@ -228,12 +228,12 @@ def _run_stage(stage: Stage, workdir: str, rng: jax.Array, previous: Previous,
                 f"{ {k: float(v) for k, v in scalars.items()} }. The last good checkpoint "
                 f"(step {last_good}) is kept in {stage_dir}; lower the learning rate or "
                 "enable optim.grad_clip, then rerun to resume from it.")
-          writer.write(global_offset + step, scalars, stage=stage.name)
+          writer.write(global_offset + step, scalars, stage=stage.name, stage_step=step)
           bar.update_to(step, scalars)
         val_metrics = {}
         if stage.evaluate is not None and (step % cfg.eval_every == 0 or last):
           val_metrics = stage.evaluate(state)
-          writer.write(global_offset + step, val_metrics, stage=stage.name)
+          writer.write(global_offset + step, val_metrics, stage=stage.name, stage_step=step)
         if step % cfg.checkpoint_every == 0 or last or stopping or val_metrics:
           if not bool(_all_finite(state)):
             raise NonFiniteLossError(
