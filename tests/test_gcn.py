@@ -262,7 +262,7 @@ def _small_gcn(**kw):
 
 
 def test_gcn_denoiser_is_translation_equivariant_in_interior():
-  model = _small_gcn()
+  model = _small_gcn(identity_init=False)  # else the check is x == x
   variables = model.init(jax.random.PRNGKey(13), jnp.zeros((1, 16, 16, 1)))
   # conv_in 1 + two blocks of window radius 2 + conv_out 1.
   _check_translation_equivariance(lambda x: model.apply(variables, x), 1,
@@ -276,15 +276,17 @@ def test_gcn_denoiser_shape_jit_and_residual():
   out = model.apply(variables, x, train=True)
   assert out.shape == x.shape
   np.testing.assert_allclose(jax.jit(model.apply)(variables, x), out, **TOL)
+  # identity_init (default): the untrained net returns its input exactly;
+  # the output is x minus the last conv's noise estimate.
+  np.testing.assert_array_equal(out, x)
+  random_head = _small_gcn(identity_init=False)
+  out = random_head.apply(random_head.init(jax.random.PRNGKey(15), x), x)
   assert float(jnp.max(jnp.abs(out - x))) > 1e-3
-  # With the noise-predicting conv zeroed, the output is the input exactly.
-  params = jax.tree.map(lambda v: v, variables["params"])
-  params["conv_out"] = jax.tree.map(jnp.zeros_like, params["conv_out"])
-  np.testing.assert_array_equal(model.apply({"params": params}, x), x)
 
 
 def test_gcn_denoiser_gradients_finite_and_reach_graph_conv():
-  model = _small_gcn(chunk_rows=5)
+  # A random last conv, so that gradients reach every layer at this point.
+  model = _small_gcn(chunk_rows=5, identity_init=False)
   x = _random((2, 12, 12, 1), 16)
   target = _random((2, 12, 12, 1), 17)
   variables = model.init(jax.random.PRNGKey(18), x)
@@ -315,11 +317,13 @@ def test_default_parameter_counts_gcn_vs_local_cnn():
 
 
 def test_local_cnn_shape_and_residual():
-  model = gcn.LocalCNN(features=6, num_blocks=2)
   x = _random((2, 9, 11, 1), 19)
+  model = gcn.LocalCNN(features=6, num_blocks=2)
+  np.testing.assert_array_equal(model.apply(model.init(jax.random.PRNGKey(20), x), x), x)
+  model = gcn.LocalCNN(features=6, num_blocks=2, identity_init=False)
   variables = model.init(jax.random.PRNGKey(20), x)
   out = model.apply(variables, x)
-  assert out.shape == x.shape
+  assert out.shape == x.shape and float(jnp.max(jnp.abs(out - x))) > 1e-3
   params = dict(variables["params"])
   params["conv_out"] = jax.tree.map(jnp.zeros_like, params["conv_out"])
   np.testing.assert_array_equal(model.apply({"params": params}, x), x)

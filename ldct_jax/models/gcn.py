@@ -498,6 +498,13 @@ class GCNDenoiser(nn.Module):
     conv_lowering: lowering of every conv (see ``layers``).
     search_patch: see ``GraphConv`` (0: GCDN's pixel features).
     label_scale: see ``GraphConv``.
+    identity_init: the noise-predicting conv starts at zero, so the untrained
+      net is the identity. With LeCun init the random noise estimate makes
+      the net start worse than its input, and some seeds spent most of a
+      short schedule undoing it: true pairs, 1000 steps, training seed 2,
+      test abdomen PSNR 34.93 (GCN) and 34.99 dB (LocalCNN) against 36.5 and
+      36.4-36.8 for seeds 0/1; with identity_init LocalCNN's seed 2 scored
+      36.77.
   """
 
   features: int = 32
@@ -509,6 +516,7 @@ class GCNDenoiser(nn.Module):
   conv_lowering: str = "auto"
   search_patch: int = 0
   label_scale: str = "absolute"
+  identity_init: bool = True
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -532,9 +540,14 @@ class GCNDenoiser(nn.Module):
                    chunk_rows=self.chunk_rows, search_patch=self.search_patch,
                    label_scale=self.label_scale,
                    conv_lowering=self.conv_lowering, name=f"block{block}")(h)
-    noise = Conv(x.shape[-1], (3, 3), lowering=self.conv_lowering,
-                 name="conv_out")(h)
+    noise = _noise_head(x.shape[-1], self.identity_init, self.conv_lowering)(h)
     return x - noise
+
+
+def _noise_head(channels: int, identity_init: bool, lowering: str) -> Conv:
+  """The last conv3x3, predicting the noise; zero-initialised for ``identity_init``."""
+  init = nn.initializers.zeros_init() if identity_init else nn.initializers.lecun_normal()
+  return Conv(channels, (3, 3), kernel_init=init, lowering=lowering, name="conv_out")
 
 
 def local_path_width(features: int, rank: int = 11) -> int:
@@ -592,12 +605,14 @@ class LocalCNN(nn.Module):
     num_blocks: blocks.
     rank: rank of the GraphConv whose parameter count the paths match.
     conv_lowering: lowering of every conv (see ``layers``).
+    identity_init: see ``GCNDenoiser``.
   """
 
   features: int = 32
   num_blocks: int = 3
   rank: int = 11
   conv_lowering: str = "auto"
+  identity_init: bool = True
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -612,6 +627,5 @@ class LocalCNN(nn.Module):
     for block in range(self.num_blocks):
       h = LocalBlock(self.features, hidden, self.conv_lowering,
                      name=f"block{block}")(h)
-    noise = Conv(x.shape[-1], (3, 3), lowering=self.conv_lowering,
-                 name="conv_out")(h)
+    noise = _noise_head(x.shape[-1], self.identity_init, self.conv_lowering)(h)
     return x - noise
