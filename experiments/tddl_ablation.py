@@ -13,6 +13,7 @@ each noise source against the real LDCT noise.
   python experiments/tddl_ablation.py --workdir=runs/tddl_ablation
   python experiments/tddl_ablation.py --workdir=runs/tddl_ablation --denoisers=gcn --steps=300
   python experiments/tddl_ablation.py --denoisers=gcn,gcn_local --arms=a_true_pairs,b_tddl_vae
+  python experiments/tddl_ablation.py --variant=paper --denoisers=gcn,gcn_local   # GPU
 
 Every arm is an ordinary run of ``ldct_jax.run.train_and_evaluate`` in its own
 sub-workdir, so a killed ablation resumes where it stopped, and each arm's
@@ -48,10 +49,11 @@ DENOISERS = ("gcn", "gcn_local", "redcnn")
 ARMS_OF = {"gcn_local": ("a_true_pairs", "b_tddl_vae")}
 
 
-def arm_config(arm: str, denoiser: str, steps: int, cache_dir: str):
+def arm_config(arm: str, denoiser: str, steps: int, cache_dir: str, variant: str = ""):
+  """``variant`` (e.g. 'paper') picks the GCN's ``configs/tddl.py`` variant."""
   if denoiser not in DENOISERS:
     raise ValueError(f"unknown denoiser {denoiser!r} (known: {', '.join(DENOISERS)})")
-  config = tddl_config.get_config("redcnn" if denoiser == "redcnn" else "")
+  config = tddl_config.get_config("redcnn" if denoiser == "redcnn" else variant)
   if denoiser == "gcn_local":
     # The control of Chen et al.'s claim: same depth, width, fusion and
     # (within 0.3%) parameters as the GCN, every graph conv made local.
@@ -131,6 +133,9 @@ def main(argv=None):
   parser.add_argument("--arms", default=",".join(ARMS))
   parser.add_argument("--steps", type=int, default=0, help="denoiser steps (0: config default)")
   parser.add_argument("--cache_dir", default="", help="built-in dataset cache")
+  parser.add_argument("--variant", default="",
+                      help="configs/tddl.py variant for the GCN and its control, e.g. 'paper' "
+                           "(a GPU job)")
   parser.add_argument("--summarise_only", action="store_true",
                       help="train nothing: read each arm's eval/metrics.json (e.g. after "
                            "running groups of arms in parallel processes)")
@@ -140,7 +145,7 @@ def main(argv=None):
     for arm in args.arms.split(","):
       if arm not in ARMS_OF.get(denoiser, ARMS):
         continue
-      config = arm_config(arm, denoiser, args.steps, args.cache_dir)
+      config = arm_config(arm, denoiser, args.steps, args.cache_dir, args.variant)
       windows = config.eval.windows
       workdir = os.path.join(args.workdir, f"{denoiser}_{arm}")
       if args.summarise_only:

@@ -61,3 +61,12 @@ def test_arms_without_a_vae_are_not_remembered(tmp_path, arm):
   tddl_ablation.remember_noise_model(tddl_ablation.arm_config(arm, "gcn", 0, ""), str(tmp_path),
                                      finished)
   assert finished == {}
+
+
+def test_paper_variant_sizes_the_gcn_and_its_control_alike():
+  gcn = tddl_ablation.arm_config("a_true_pairs", "gcn", 0, "", variant="paper")
+  local = tddl_ablation.arm_config("a_true_pairs", "gcn_local", 0, "", variant="paper")
+  assert (gcn.model.features, gcn.model.num_blocks, gcn.model.k, gcn.model.search_window) == \
+      (32, 3, 16, 49)
+  assert (local.model.name, local.model.features, local.model.num_blocks) == ("gcn_local", 32, 3)
+  assert local.data.patch_size == gcn.data.patch_size == 64
