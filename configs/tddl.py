@@ -7,7 +7,7 @@ a GCN denoiser (Chen et al., ICONIP 2020) on pseudo-LDCT made online from the
 NDCT of the other half, then evaluation on true test pairs plus a noise
 fidelity report (synthetic vs real LDCT noise, with Gaussian/Poisson baselines).
 Measured (2026-11-21, test patients SIM007/SIM008, data range 1): abdomen window
-[-160, 240] HU 33.56 -> 35.77 dB, lung 41.30 -> 44.05 dB, RMSE 13.66 -> 10.07 HU,
+[-160, 240] HU 33.56 -> 36.80 dB, lung 41.30 -> 44.86 dB, RMSE 13.66 -> 9.10 HU,
 in ~15 min; `experiments/tddl_ablation.py` compares noise sources and denoisers
 (README).
 
@@ -56,7 +56,7 @@ def get_config(variant: str = ""):
       # (level_from_map) calibrated on the same pixels (level_edge_hu), and
       # the generative path sees the map only (structure_film=False): trained
       # on every pixel the VAE took lung texture for noise (test chest
-      # 1.3-1.5x too strong); this way abdomen/chest come out 0.92x/1.03x and
+      # 1.3-1.5x too strong); this way abdomen/chest come out 0.93x/1.04x and
       # the NPS peak matches (table in ldct_jax/models/vae.py).
       flat_edge_hu=40.0,
       level_edge_hu=40.0,
