@@ -480,3 +480,52 @@ def test_different_slice_counts_rejected(tmp_path):
   (pair,) = dicom.find_pairs(tmp_path)
   with pytest.raises(ValueError, match=r"full/0004\.dcm.*low/0003\.dcm"):
     dicom.load_pair(pair)
+
+
+def test_tcia_patient_with_two_studies_gives_two_scans_in_one_split(tmp_path):
+  # A repeat scan: patient C001 has two studies whose series lie at the SAME
+  # table positions but differ in content and slice count. Each study must be
+  # read as its own LD/ND pair (a reader that gathered a patient's slices
+  # across studies would see duplicate positions or mix the two volumes), and
+  # both scans must land in the patient's one split.
+  from ldct_jax.config import base_config
+  from ldct_jax.data import datasets
+
+  studies = {"01-01-2019-NA-CT-1": (3, 0), "06-01-2019-NA-CT-2": (4, 700)}
+  for study, (depth, content) in studies.items():
+    for dose, ld_offset in (("Full Dose Images", 0), ("Low Dose Images", 50)):
+      _tcia_series(tmp_path / "C001" / study / f"1.000000-{dose}-7",
+                   dose, offset=content + ld_offset, patient="C001", shape=(depth, 8, 8))
+  for patient in ("C002", "C003", "C004"):
+    _tcia_series(tmp_path / patient / "study" / "full", "Full Dose Images", patient=patient)
+    _tcia_series(tmp_path / patient / "study" / "low", "Low Dose Images", offset=50,
+                 patient=patient)
+
+  pairs = [p for p in dicom.find_pairs(tmp_path) if p.patient_id == "C001"]
+  assert [p.study for p in pairs] == sorted(studies)
+  for pair in pairs:
+    study = tmp_path / "C001" / pair.study
+    assert pair.low_dose_dir.parent == study and pair.full_dose_dir.parent == study
+    depth, content = studies[pair.study]
+    low, full = dicom.load_pair(pair)
+    assert all(pathlib.Path(f).parent == pair.full_dose_dir for f in full.files)
+    np.testing.assert_array_equal(full.hu, _volume((depth, 8, 8)) + content)
+    np.testing.assert_array_equal(low.hu - full.hu, 50)
+
+  data_cfg = base_config().data
+  data_cfg.root = str(tmp_path)
+  data_cfg.split.file = ""
+  for seed in range(4):  # C001 lands in different splits; its scans never part
+    data_cfg.split.seed = seed
+    dataset = datasets.load_dataset(data_cfg)
+    scans = {f"C001_{s}" for s in studies}
+    assert set(dataset.volumes) == scans | {"C002", "C003", "C004"}
+    assert sorted(sum(dataset.splits.values(), [])) == ["C001", "C002", "C003", "C004"]
+    (home,) = [name for name, ids in dataset.splits.items() if "C001" in ids]
+    assert {v.patient_id for v in dataset.split(home)} >= scans
+    for name in set(dataset.splits) - {home}:
+      assert not scans & {v.patient_id for v in dataset.split(name)}
+    for scan in scans:
+      depth, content = studies[scan[len("C001_"):]]
+      np.testing.assert_array_equal(dataset.volumes[scan].arrays["nd"],
+                                    _volume((depth, 8, 8)) + content)
