@@ -52,6 +52,7 @@ from pydicom.uid import (CTImageStorage, ExplicitVRBigEndian,
                          PYDICOM_IMPLEMENTATION_UID, generate_uid)
 from pydicom.valuerep import IS, DSfloat
 
+from ldct_jax.errors import InputError
 from ldct_jax.windows import WindowLike, get_window
 
 AIR_HU = -1000.0
@@ -209,11 +210,11 @@ def read_series(folder, *, pattern: str | None = None,
   """
   folder = pathlib.Path(folder)
   if not folder.is_dir():
-    raise ValueError(f"series folder {folder} does not exist or is not a folder")
+    raise InputError(f"series folder {folder} does not exist or is not a folder")
   paths = _series_files(folder, pattern)
   if not paths:
     what = f" matching {pattern!r}" if pattern else ""
-    raise ValueError(f"series folder {folder} contains no files{what}")
+    raise InputError(f"series folder {folder} contains no files{what}")
   slices = [_read_slice(p, map_padding) for p in paths]
   _check_consistent(slices)
   slices, positions = _sort_slices(slices)
@@ -246,7 +247,7 @@ def _dcmread(path: pathlib.Path, **kwargs) -> Dataset:
     with open(path, "rb") as f:
       has_preamble = f.read(132)[128:132] == b"DICM"
   except OSError as e:
-    raise ValueError(f"{path}: cannot open: {e}") from e
+    raise InputError(f"{path}: cannot open: {e}") from e
   try:
     if has_preamble:
       return pydicom.dcmread(path, **kwargs)
@@ -266,10 +267,10 @@ def _dcmread(path: pathlib.Path, **kwargs) -> Dataset:
   # ValueError that names the file.
   except Exception as e:
     if has_preamble:
-      raise ValueError(f"{path}: unreadable DICOM file: {e}") from e
+      raise InputError(f"{path}: unreadable DICOM file: {e}") from e
     is_image = False
   if not is_image:
-    raise ValueError(
+    raise InputError(
         f"{path}: not a DICOM file (no 'DICM' preamble and no DICOM image "
         "dataset); remove it or select files with pattern=")
   return ds
@@ -282,30 +283,30 @@ def _is_ct(ds: Dataset) -> bool:
 def _read_slice(path: pathlib.Path, map_padding: bool) -> _Slice:
   ds = _dcmread(path)
   if "PixelData" not in ds:
-    raise ValueError(f"{path}: DICOM file without pixel data (not an image, or "
+    raise InputError(f"{path}: DICOM file without pixel data (not an image, or "
                      "truncated before its pixels)")
   if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-    raise ValueError(f"{path}: multi-frame images are not supported")
+    raise InputError(f"{path}: multi-frame images are not supported")
   transfer_syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
   if not transfer_syntax.is_compressed:
     expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
                 * int(ds.BitsAllocated) // 8)
     if len(ds.PixelData) < expected:
-      raise ValueError(
+      raise InputError(
           f"{path}: truncated pixel data: {len(ds.PixelData)} bytes, expected "
           f"{expected} for {ds.Rows}x{ds.Columns} pixels of {ds.BitsAllocated} bits")
   if int(ds.get("SamplesPerPixel", 1)) != 1:
-    raise ValueError(f"{path}: not a grayscale image (SamplesPerPixel="
+    raise InputError(f"{path}: not a grayscale image (SamplesPerPixel="
                      f"{ds.SamplesPerPixel})")
   try:
     stored = ds.pixel_array
   except Exception as e:  # pydicom raises many types for undecodable pixels
-    raise ValueError(f"{path}: cannot decode pixel data: {e}") from e
+    raise InputError(f"{path}: cannot decode pixel data: {e}") from e
 
   slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
   if slope is None or intercept is None or slope == "" or intercept == "":
     if _is_ct(ds):
-      raise ValueError(
+      raise InputError(
           f"{path}: CT image without RescaleIntercept/RescaleSlope; HU cannot "
           "be derived (assuming 0/1 would silently shift every value)")
     slope, intercept = 1.0, 0.0  # non-CT images store their values directly
@@ -338,19 +339,19 @@ def _check_consistent(slices: list) -> None:
   first_spacing = _pixel_spacing(first)
   for s in slices[1:]:
     if s.hu.shape != first.hu.shape:
-      raise ValueError(
+      raise InputError(
           f"mixed image sizes in series: {first.path} is {first.hu.shape[0]}x"
           f"{first.hu.shape[1]} but {s.path} is {s.hu.shape[0]}x{s.hu.shape[1]}")
     a, b = (x.header.get("SeriesInstanceUID") for x in (first, s))
     if a and b and a != b:
-      raise ValueError(f"files of different series in one folder: {first.path} "
+      raise InputError(f"files of different series in one folder: {first.path} "
                        f"(SeriesInstanceUID {a}) and {s.path} ({b})")
     if not np.allclose(_pixel_spacing(s), first_spacing, atol=1e-4):
-      raise ValueError(f"mixed PixelSpacing in series: {first.path} has "
+      raise InputError(f"mixed PixelSpacing in series: {first.path} has "
                        f"{first_spacing} mm but {s.path} has {_pixel_spacing(s)} mm")
     if (s.orientation is not None and first.orientation is not None
         and not np.allclose(s.orientation, first.orientation, atol=1e-4)):
-      raise ValueError(
+      raise InputError(
           f"mixed ImageOrientationPatient in series: {first.path} has "
           f"{first.orientation.tolist()} but {s.path} has {s.orientation.tolist()}")
 
@@ -358,7 +359,7 @@ def _check_consistent(slices: list) -> None:
 def _pixel_spacing(s: _Slice) -> tuple:
   spacing = s.header.get("PixelSpacing")
   if not spacing or len(spacing) != 2:
-    raise ValueError(f"{s.path}: missing or malformed PixelSpacing")
+    raise InputError(f"{s.path}: missing or malformed PixelSpacing")
   return float(spacing[0]), float(spacing[1])
 
 
@@ -373,18 +374,18 @@ def _sort_slices(slices: list) -> tuple:
     duplicates = np.flatnonzero(np.diff(heights[order]) <= POSITION_TOL_MM)
     if duplicates.size:
       i = duplicates[0]
-      raise ValueError(
+      raise InputError(
           f"duplicate slice position {slices[i].position.tolist()} mm: "
           f"{slices[i].path} and {slices[i + 1].path}")
     return slices, np.stack([s.position for s in slices])
   missing = [s.path for s in slices if s.instance_number is None]
   if missing:
-    raise ValueError(f"{missing[0]}: no ImagePositionPatient/Orientation and "
+    raise InputError(f"{missing[0]}: no ImagePositionPatient/Orientation and "
                      "no InstanceNumber; cannot order the slices")
   slices = sorted(slices, key=lambda s: s.instance_number)
   for a, b in zip(slices, slices[1:]):
     if a.instance_number == b.instance_number:
-      raise ValueError(f"duplicate InstanceNumber {a.instance_number} (and no "
+      raise InputError(f"duplicate InstanceNumber {a.instance_number} (and no "
                        f"slice positions): {a.path} and {b.path}")
   return slices, np.full((len(slices), 3), np.nan)
 
@@ -399,7 +400,7 @@ def _slice_spacing(slices: list, positions: np.ndarray) -> float:
     bad = np.flatnonzero(np.abs(gaps - median) > SPACING_RTOL * median)
     if bad.size:
       i = bad[0]
-      raise ValueError(
+      raise InputError(
           f"non-uniform slice spacing: {gaps[i]:.4f} mm between {slices[i].path} "
           f"and {slices[i + 1].path}, median {median:.4f} mm (missing slice?)")
     return median
@@ -408,7 +409,7 @@ def _slice_spacing(slices: list, positions: np.ndarray) -> float:
     value = header.get(keyword)
     if value not in (None, "") and float(value) > 0:
       return float(value)
-  raise ValueError(f"{slices[0].path}: cannot tell the slice spacing: no usable "
+  raise InputError(f"{slices[0].path}: cannot tell the slice spacing: no usable "
                    "positions, SpacingBetweenSlices or SliceThickness")
 
 
@@ -486,21 +487,21 @@ def write_series(hu, out_dir, *, spacing: Sequence[float],
   """
   hu = np.asarray(hu)
   if hu.ndim != 3 or 0 in hu.shape:
-    raise ValueError(f"hu must be a non-empty (D, H, W) volume, got shape {hu.shape}"
+    raise InputError(f"hu must be a non-empty (D, H, W) volume, got shape {hu.shape}"
                      " (use hu[None] for one slice)")
   if not np.isfinite(hu).all():
-    raise ValueError("hu contains NaN or infinite values; they cannot be stored")
+    raise InputError("hu contains NaN or infinite values; they cannot be stored")
   spacing = tuple(float(s) for s in spacing)
   if len(spacing) != 3 or not all(s > 0 for s in spacing):
-    raise ValueError(f"spacing must be 3 positive mm values, got {spacing}")
+    raise InputError(f"spacing must be 3 positive mm values, got {spacing}")
   if extension and not extension.startswith("."):
-    raise ValueError(f"extension must be '' or start with '.', got {extension!r}")
+    raise InputError(f"extension must be '' or start with '.', got {extension!r}")
   extra_tags = dict(extra_tags or {})
   for keyword in extra_tags:
     if tag_for_keyword(keyword) is None:
-      raise ValueError(f"extra_tags: {keyword!r} is not a DICOM keyword")
+      raise InputError(f"extra_tags: {keyword!r} is not a DICOM keyword")
     if keyword in _PROTECTED_KEYWORDS:
-      raise ValueError(f"extra_tags: {keyword!r} is set by write_series itself")
+      raise InputError(f"extra_tags: {keyword!r} is set by write_series itself")
 
   out_dir = pathlib.Path(out_dir)
   depth, rows, cols = hu.shape
@@ -565,23 +566,23 @@ def write_series(hu, out_dir, *, spacing: Sequence[float],
 def _check_template(template: CTSeries, shape: tuple, spacing: tuple,
                     out_dir: pathlib.Path, patient_id, first_position) -> None:
   if template.hu.shape != shape:
-    raise ValueError(f"hu shape {shape} differs from the template's "
+    raise InputError(f"hu shape {shape} differs from the template's "
                      f"{template.hu.shape}")
   if len(template.headers) != shape[0]:
-    raise ValueError("template has no per-slice headers (it was not read by "
+    raise InputError("template has no per-slice headers (it was not read by "
                      "read_series); cannot copy its tags and geometry")
   if not np.allclose(spacing, template.spacing, atol=1e-3):
-    raise ValueError(f"spacing {spacing} mm differs from the template's "
+    raise InputError(f"spacing {spacing} mm differs from the template's "
                      f"{template.spacing} mm")
   if out_dir.resolve() in template.source_dirs:
-    raise ValueError(f"refusing to write into {out_dir}: it holds the "
+    raise InputError(f"refusing to write into {out_dir}: it holds the "
                      "template's source series")
   template_id = str(template.headers[0].get("PatientID", ""))
   if patient_id is not None and patient_id != template_id:
-    raise ValueError(f"patient_id {patient_id!r} differs from the template's "
+    raise InputError(f"patient_id {patient_id!r} differs from the template's "
                      f"{template_id!r}")
   if first_position is not None:
-    raise ValueError("first_position cannot be combined with a template: the "
+    raise InputError("first_position cannot be combined with a template: the "
                      "template's slice positions are used")
 
 
@@ -701,7 +702,7 @@ def find_pairs(root, *, layout: str = "auto",
   """
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise ValueError(f"dataset root {root} does not exist or is not a folder")
+    raise InputError(f"dataset root {root} does not exist or is not a folder")
   if layout == "auto":
     layout = _detect_layout(root)
   if layout == "mayo":
@@ -709,9 +710,9 @@ def find_pairs(root, *, layout: str = "auto",
   elif layout == "tcia":
     pairs = _tcia_pairs(root, thickness)
   else:
-    raise ValueError(f"unknown layout {layout!r}; use 'auto', 'mayo' or 'tcia'")
+    raise InputError(f"unknown layout {layout!r}; use 'auto', 'mayo' or 'tcia'")
   if not pairs:
-    raise ValueError(f"no low/full-dose pairs found under {root} "
+    raise InputError(f"no low/full-dose pairs found under {root} "
                      f"(layout {layout!r}, thickness {thickness!r})")
   return sorted(pairs, key=lambda p: (p.patient_id, p.study))
 
@@ -734,7 +735,7 @@ def _detect_layout(root: pathlib.Path) -> str:
     for study in _subdirs(patient):
       if any(_has_files(series) for series in _subdirs(study)):
         return "tcia"
-  raise ValueError(
+  raise InputError(
       f"{root} matches no known layout. Expected either Mayo 2016 "
       "(<root>/<patient>/full_1mm/*.IMA and <root>/<patient>/quarter_1mm/*.IMA, "
       "or *_3mm) or TCIA LDCT-and-Projection-data "
@@ -744,7 +745,7 @@ def _detect_layout(root: pathlib.Path) -> str:
 
 def _mayo_pairs(root: pathlib.Path, thickness: str | None) -> list:
   if thickness is None:
-    raise ValueError("the Mayo layout needs a thickness ('1mm' or '3mm') to "
+    raise InputError("the Mayo layout needs a thickness ('1mm' or '3mm') to "
                      "pick the full_/quarter_ folders")
   pairs = []
   for patient in _subdirs(root):
@@ -755,11 +756,11 @@ def _mayo_pairs(root: pathlib.Path, thickness: str | None) -> list:
       continue
     if full is None or low is None:
       have, lacking = (full, "quarter") if low is None else (low, "full")
-      raise ValueError(f"patient {patient}: has {have} but no "
+      raise InputError(f"patient {patient}: has {have} but no "
                        f"{lacking}_{thickness} folder")
     for d in (full, low):
       if not any(p.suffix.lower() in (".ima", ".dcm") for p in d.iterdir()):
-        raise ValueError(f"{d}: no .IMA or .dcm files")
+        raise InputError(f"{d}: no .IMA or .dcm files")
     pairs.append(PatientPair(patient.name, low, full, "mayo"))
   return pairs
 
@@ -775,7 +776,7 @@ def _dose_of(text: str) -> str | None:
 def _parse_thickness(thickness: str) -> float:
   match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*mm\s*", thickness)
   if not match:
-    raise ValueError(f"thickness must look like '1mm' or '3mm', got {thickness!r}")
+    raise InputError(f"thickness must look like '1mm' or '3mm', got {thickness!r}")
   return float(match.group(1))
 
 
@@ -805,15 +806,15 @@ def _tcia_pairs(root: pathlib.Path, thickness: str | None) -> list:
         found[dose].append(series)
       if not found["full"] and not found["low"]:
         if skipped_thickness:
-          raise ValueError(f"study {study}: no {thickness} series; found "
+          raise InputError(f"study {study}: no {thickness} series; found "
                            f"{', '.join(skipped_thickness)}; pass thickness=")
         continue
       for dose, other in (("full", "low"), ("low", "full")):
         if len(found[dose]) > 1:
-          raise ValueError(f"study {study}: several {dose}-dose series: "
+          raise InputError(f"study {study}: several {dose}-dose series: "
                            f"{', '.join(s.name for s in found[dose])}")
         if not found[dose]:
-          raise ValueError(f"study {study}: has {other}-dose series "
+          raise InputError(f"study {study}: has {other}-dose series "
                            f"{found[other][0].name} but no {dose}-dose series")
       pairs.append(PatientPair(patient.name, found["low"][0], found["full"][0],
                                "tcia", study.name))
@@ -839,29 +840,29 @@ def load_pair(pair: PatientPair) -> tuple:
   low = read_series(pair.low_dose_dir)
   full = read_series(pair.full_dose_dir)
   if low.hu.shape[1:] != full.hu.shape[1:]:
-    raise ValueError(f"slice sizes differ: {low.files[0]} is "
+    raise InputError(f"slice sizes differ: {low.files[0]} is "
                      f"{low.hu.shape[1:]} but {full.files[0]} is {full.hu.shape[1:]}")
   low_id, full_id = low.meta.get("PatientID"), full.meta.get("PatientID")
   if low_id and full_id and low_id != full_id:
-    raise ValueError(f"PatientIDs differ: {low.files[0]} has {low_id!r} but "
+    raise InputError(f"PatientIDs differ: {low.files[0]} has {low_id!r} but "
                      f"{full.files[0]} has {full_id!r}")
   if not (np.isfinite(low.positions).all() and np.isfinite(full.positions).all()):
-    raise ValueError(f"cannot pair {low.files[0]} with {full.files[0]}: slice "
+    raise InputError(f"cannot pair {low.files[0]} with {full.files[0]}: slice "
                      "positions are missing")
   for k in range(min(len(low.files), len(full.files))):
     gap = float(np.max(np.abs(low.positions[k] - full.positions[k])))
     if gap > POSITION_TOL_MM:
-      raise ValueError(
+      raise InputError(
           f"slice {k} positions differ by {gap:.4f} mm: {low.files[k]} at "
           f"{low.positions[k].tolist()} vs {full.files[k]} at "
           f"{full.positions[k].tolist()}")
   if len(low.files) != len(full.files):
     shorter, longer = sorted((low, full), key=lambda s: len(s.files))
-    raise ValueError(
+    raise InputError(
         f"slice counts differ ({len(low.files)} low vs {len(full.files)} full "
         f"dose): {longer.files[len(shorter.files)]} has no counterpart after "
         f"{shorter.files[-1]}")
   if not np.allclose(low.spacing, full.spacing, atol=POSITION_TOL_MM):
-    raise ValueError(f"spacing differs: {low.files[0]} has {low.spacing} mm but "
+    raise InputError(f"spacing differs: {low.files[0]} has {low.spacing} mm but "
                      f"{full.files[0]} has {full.spacing} mm")
   return low, full
