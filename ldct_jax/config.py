@@ -5,6 +5,8 @@ needs. Fields are commented where their meaning or unit is not obvious.
 """
 import ml_collections
 
+from ldct_jax.data.pipeline import DEFAULT_SPLIT_FRACTIONS
+
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -21,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   data.builtin = ml_collections.ConfigDict(dict(
       num_patients=8, num_slices=32, size=256, dose_fraction=0.25, seed=0))
   data.split = ml_collections.ConfigDict(dict(
-      fractions=(0.5, 0.25, 0.25),  # patient-level train/val/test
+      fractions=DEFAULT_SPLIT_FRACTIONS,  # patient-level train/val/test
       seed=0,
       # JSON split list. 'auto': the root's splits.json if it ships one (the
       # built-in data does, stratified by region), else the fractions above;

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldct_jax import metrics
+from ldct_jax.windows import BODY_THRESHOLD_HU
 
-BODY_THRESHOLD_HU = -900.0
 # Default reference-HU bins for std-vs-HU: air, lung, fat, soft tissue,
 # contrast-enhanced tissue, bone.
 DEFAULT_HU_BINS = (-1100.0, -900.0, -700.0, -500.0, -200.0, -50.0, 20.0, 60.0,

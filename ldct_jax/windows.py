@@ -65,6 +65,12 @@ WINDOWS = {
 
 WindowLike = Union[str, Window, tuple, list, dict]
 
+# The body/air boundary, HU: pixels above it are body. Air is -1000 HU and
+# lung parenchyma (about -850 HU) still counts as body. The one definition
+# used by body masks (``noise_stats``), the patch stream's air rejection
+# (``data.pipeline``) and TDDL's noise estimates (``models.vae``).
+BODY_THRESHOLD_HU = -900.0
+
 
 def get_window(window: WindowLike) -> Window:
   """Resolves a preset name, a ``(center, width)`` pair, a dict or a Window."""

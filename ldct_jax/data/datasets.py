@@ -15,7 +15,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ldct_jax.data import builtin, dicom
-from ldct_jax.data.pipeline import Volume, load_split_file, split_patients
+from ldct_jax.data.pipeline import (DEFAULT_SPLIT_FRACTIONS, Volume, load_split_file,
+                                   split_patients)
 
 
 @dataclasses.dataclass
@@ -93,7 +94,7 @@ def load_dataset(data_cfg) -> CTDataset:
     if unknown:
       raise ValueError(f"split file {split_file} names patients not under {root}: {unknown}")
   else:
-    splits = split_patients(ids, tuple(split_cfg.get("fractions", (0.6, 0.2, 0.2))),
+    splits = split_patients(ids, tuple(split_cfg.get("fractions", DEFAULT_SPLIT_FRACTIONS)),
                             int(split_cfg.get("seed", 0)))
   return CTDataset(root=root, layout=pairs[0].layout, volumes=volumes, spacing=spacing,
                    splits={k: list(v) for k, v in splits.items()}, patient_of=patient_of,

@@ -51,7 +51,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ldct_jax import windows
 
 SPLIT_NAMES = ("train", "val", "test")
-DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+# Patient-level (train, val, test) fractions: the one default, also
+# ``config.data.split.fractions`` (``ldct_jax.config``) and ``load_dataset``'s.
+DEFAULT_SPLIT_FRACTIONS = (0.5, 0.25, 0.25)
 DATA_AXIS = "data"
 
 Array = Any  # np.ndarray or jax.Array
@@ -460,7 +462,7 @@ def make_patch_dataset(
     raw_keys: Sequence[str] = (),
     augment: bool = True,
     skip_air_fraction: Optional[float] = 0.9,
-    air_threshold_hu: float = -900.0,
+    air_threshold_hu: float = windows.BODY_THRESHOLD_HU,
     max_air_retries: int = 10,
     num_threads: int = 2,
     prefetch: int = 4,
@@ -495,8 +497,9 @@ def make_patch_dataset(
       pixels of ``keys[0]`` below ``air_threshold_hu`` exceeds this; ``None``
       disables rejection. The default 0.9 drops patches (almost) outside the
       body and keeps those on the body outline.
-    air_threshold_hu: HU below which a pixel counts as air. -900 keeps most
-      lung parenchyma (about -850 HU) as tissue.
+    air_threshold_hu: HU below which a pixel counts as air
+      (``windows.BODY_THRESHOLD_HU``, -900: most lung parenchyma, about -850
+      HU, counts as tissue).
     max_air_retries: after this many re-draws the last location is kept, so a
       sample always terminates (e.g. on an all-air volume).
     num_threads: prefetch threads; each builds whole batches.
