@@ -29,7 +29,8 @@ class CountingData:
     self.position = int(state["position"])
 
 
-def toy_stage(name="fit", num_steps=8, nan_at=None, offset_from=None, evaluate=None):
+def toy_stage(name="fit", num_steps=8, nan_at=None, offset_from=None, evaluate=None,
+              best_mode="max", nan_only_at=None):
   def init_state(rng, previous):
     w = jax.random.normal(rng, (3,))
     if offset_from:
@@ -41,12 +42,15 @@ def toy_stage(name="fit", num_steps=8, nan_at=None, offset_from=None, evaluate=N
     loss = jnp.mean(jnp.square(state["w"] - target))
     if nan_at is not None:
       loss = jnp.where(state["count"] + 1 >= nan_at, jnp.nan, loss)
+    if nan_only_at is not None:
+      loss = jnp.where(state["count"] + 1 == nan_only_at, jnp.nan, loss)
     w = state["w"] - 0.2 * (state["w"] - target)
-    return {"w": w, "count": state["count"] + 1}, {"loss": loss}
+    # 'n' is the (1-based) stage step, so its logged window means are known exactly.
+    return {"w": w, "count": state["count"] + 1}, {"loss": loss, "n": state["count"] + 1}
 
   return Stage(name=name, num_steps=num_steps, init_state=init_state, train_step=train_step,
                make_data=lambda previous: CountingData(seed=len(name)), evaluate=evaluate,
-               best_metric="val/score" if evaluate else None)
+               best_metric="val/score" if evaluate else None, best_mode=best_mode)
 
 
 CFG = LoopConfig(log_every=1, eval_every=2, checkpoint_every=2, keep_checkpoints=2,
@@ -87,7 +91,7 @@ def test_completed_stage_is_not_retrained_and_feeds_the_next(tmp_path):
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
-  with pytest.raises(NonFiniteLossError, match=r"non-finite training metrics at step 5.*step 4"):
+  with pytest.raises(NonFiniteLossError, match=r"non-finite training metrics in steps 5..5.*step 4"):
     run_stages([toy_stage(nan_at=5)], str(tmp_path), seed=0, loop_cfg=CFG)
   state, step = restore_stage_state(str(tmp_path), toy_stage(), which="latest")
   assert step == 4 and int(state["count"]) == 4
@@ -107,3 +111,61 @@ def test_best_checkpoint_follows_validation_metric(tmp_path):
   assert step == 4 and int(state["count"]) == 4
   _, latest = restore_stage_state(str(tmp_path), toy_stage(), which="latest")
   assert latest == 8
+
+
+def test_best_mode_min_keeps_and_restores_the_minimum(tmp_path):
+  # Lowest at step 2, so only the 'min' policy can keep it (latest 2 are 6 and 8);
+  # the highest (step 4) must be dropped.
+  scores = {2: 0.1, 4: 0.9, 6: 0.5, 8: 0.3}
+
+  def evaluate(state):
+    return {"val/score": scores[int(state["count"])]}
+
+  run_stages([toy_stage(evaluate=evaluate, best_mode="min")], str(tmp_path), seed=0,
+             loop_cfg=CFG)
+  best = json.load(open(tmp_path / "checkpoints" / "fit" / "best.json"))
+  assert best == {"step": 2, "metric": "val/score", "value": 0.1, "mode": "min"}
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints" / "fit") if d.isdigit())
+  assert steps == [2, 6, 8]
+  state, step = restore_stage_state(str(tmp_path), toy_stage(), which="best")
+  assert step == 2 and int(state["count"]) == 2
+
+
+def test_logged_training_metrics_are_window_means(tmp_path):
+  cfg = LoopConfig(log_every=3, eval_every=100, checkpoint_every=100, tensorboard=True)
+  stages = [toy_stage("first", 4), toy_stage("second", 8)]
+  run_stages(stages, str(tmp_path), seed=0,
+             loop_cfg=LoopConfig(**{**cfg.__dict__, "stop_at": 4 + 5}))
+  run_stages(stages, str(tmp_path), seed=0, loop_cfg=cfg)  # resumes at stage step 5
+  records = [json.loads(l) for l in open(tmp_path / "logs" / "metrics.jsonl")]
+  # Windows close every 3 stage steps, at a stage's end, at the stop (global
+  # step 9), and a new one opens after the resume. Global = stage step + 4 in 'second'.
+  windows = [("first", 1, 3), ("first", 4, 4), ("second", 5, 7), ("second", 8, 9),
+             ("second", 10, 10), ("second", 11, 12)]
+  assert [(r["stage"], *r["window"]) for r in records] == windows
+  assert [r["step"] for r in records] == [b for _, _, b in windows]
+  assert [r["train_metrics"] for r in records] == [f"mean over steps {a}..{b}"
+                                                   for _, a, b in windows]
+  # 'n' is the stage step, so each logged value is the mean of the window's stage steps.
+  offset = {"first": 0, "second": 4}
+  expected = [np.mean(np.arange(a, b + 1)) - offset[s] for s, a, b in windows]
+  np.testing.assert_allclose([r["n"] for r in records], expected, rtol=0, atol=1e-6)
+  assert expected[3] == 4.5  # not the window's last value (5)
+  # TensorBoard tags say the same.
+  events = b"".join(open(tmp_path / "logs" / f, "rb").read()
+                    for f in os.listdir(tmp_path / "logs") if f.startswith("events"))
+  assert b"second/train_mean/n" in events and b"first/train_mean/loss" in events
+
+
+def test_nan_in_any_step_of_a_log_window_is_caught(tmp_path):
+  # NaN at step 3 only; logs every 4 steps, checkpoints every 2: the save at
+  # step 4 must not happen, and the error names the window.
+  cfg = LoopConfig(log_every=4, eval_every=100, checkpoint_every=2, tensorboard=False)
+  with pytest.raises(NonFiniteLossError, match=r"in steps 1..4.*step 2"):
+    run_stages([toy_stage(nan_only_at=3)], str(tmp_path / "log"), seed=0, loop_cfg=cfg)
+  _, step = restore_stage_state(str(tmp_path / "log"), toy_stage(), which="latest")
+  assert step == 2
+  # Checkpoints more often than logs: the save at step 4 sees the open window's NaN.
+  cfg = LoopConfig(log_every=8, eval_every=100, checkpoint_every=2, tensorboard=False)
+  with pytest.raises(NonFiniteLossError, match=r"non-finite by step 4.*step 2"):
+    run_stages([toy_stage(nan_only_at=3)], str(tmp_path / "ckpt"), seed=0, loop_cfg=cfg)

@@ -649,8 +649,15 @@ def iterate_slices(
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """1-D data-parallel mesh over all (or the given) devices, axis ``'data'``."""
+  """1-D data-parallel mesh over all (or the given) devices, axis ``'data'``.
+
+  Devices are ordered by process, then id, so each host's devices hold one
+  contiguous block of the batch axis: the global batch is then the hosts'
+  local batches concatenated in process order (``to_global_batch``), which is
+  what ``make_patch_dataset``'s per-host shares assume.
+  """
   devices = jax.devices() if devices is None else devices
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

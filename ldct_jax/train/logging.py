@@ -3,6 +3,12 @@
 TensorBoard events are written by ``tensorboardX`` (no TensorFlow). Only
 process 0 writes; other hosts get a writer that drops everything, so the loop
 needs no ``if process_index == 0`` of its own.
+
+Training metrics arrive as means over a window of steps (see
+``ldct_jax.train.loop``): their JSON line says which steps (``"window": [first,
+last]`` global steps, and ``"train_metrics": "mean over steps first..last"``)
+and their TensorBoard tags read ``<stage>/train_mean/<name>``. Validation
+scalars are logged as given, under ``<stage>/<name>``.
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -38,18 +44,31 @@ class MetricWriter:
       self._tb = SummaryWriter(logdir=logdir)
 
   def write(self, step: int, scalars: Mapping[str, float], *, stage: str = "",
-            stage_step: Optional[int] = None) -> None:
-    """Logs ``scalars`` at global ``step``; ``stage_step`` is the step within
-    ``stage``, the number its checkpoints carry (JSON lines only)."""
+            stage_step: Optional[int] = None,
+            window: Optional[Tuple[int, int]] = None) -> None:
+    """Logs ``scalars`` at global ``step``.
+
+    ``stage_step`` is the step within ``stage``, the number its checkpoints
+    carry (JSON lines only). ``window = (first, last)`` marks ``scalars`` as
+    training means over global steps ``first..last`` inclusive.
+    """
+    reserved = set(scalars) & _RESERVED
+    if reserved:
+      raise ValueError(f"metric names {sorted(reserved)} clash with the log's own fields "
+                       f"{sorted(_RESERVED)}; rename them")
     if not self._enabled:
       return
     clean = {k: _to_float(v) for k, v in scalars.items()}
     record = {"step": int(step), "time": time.time(), **({"stage": stage} if stage else {}),
-              **({"stage_step": int(stage_step)} if stage_step is not None else {}), **clean}
+              **({"stage_step": int(stage_step)} if stage_step is not None else {})}
+    if window is not None:
+      first, last = int(window[0]), int(window[1])
+      record.update(window=[first, last], train_metrics=f"mean over steps {first}..{last}")
+    record.update(clean)
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      prefix = f"{stage}/" if stage else ""
+      prefix = (f"{stage}/" if stage else "") + ("train_mean/" if window is not None else "")
       for k, v in clean.items():
         self._tb.add_scalar(prefix + k, v, global_step=int(step))
 
@@ -58,6 +77,9 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+_RESERVED = frozenset({"step", "time", "stage", "stage_step", "window", "train_metrics"})
 
 
 def _to_float(v) -> float:
