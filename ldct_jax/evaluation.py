@@ -157,15 +157,19 @@ def conventions(windows) -> dict:
   }
 
 
-def make_validation_fn(config, volumes: Sequence[Volume], make_denoiser, normalization,
+def make_validation_fn(config, volumes: Sequence[Volume], denoiser_for: Callable, normalization,
                        slab: int):
-  """Host-side validation for the loop: PSNR/SSIM in the first eval window."""
+  """Host-side validation for the loop: PSNR/SSIM in the first eval window.
+
+  ``denoiser_for(state) -> fn(x)`` must bind the state to an already jitted
+  function (``methods.bind_denoiser``), so validations compile nothing new.
+  """
   window = get_window(config.eval.windows[0])
   max_slices = int(config.eval.get("val_max_slices", 8))
   batch_size = int(config.eval.get("batch_size", 8))
 
   def evaluate(state) -> Dict[str, float]:
-    fn = make_denoiser(state)
+    fn = denoiser_for(state)
     report = evaluate_volumes(
         volumes, {"model": lambda ld: denoise_volume(fn, ld, normalization, slab=slab,
                                                      batch_size=batch_size)},
@@ -225,7 +229,7 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int,
   windows = list(config.eval.windows)
   normalization = Normalization.from_config(config.data.normalization)
   batch_size = int(config.eval.get("batch_size", 8))
-  fn = method.make_denoiser(state)
+  fn = method.denoiser(state)
   predictors = {"model": lambda ld: denoise_volume(fn, ld, normalization,
                                                    slab=method.input_slab, batch_size=batch_size)}
   classical = resolve_classical(config.eval.get("classical", "auto"))

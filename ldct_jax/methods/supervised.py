@@ -17,7 +17,7 @@ from flax.training import train_state
 from ldct_jax import losses, models
 from ldct_jax.evaluation import make_validation_fn
 from ldct_jax.data.pipeline import Normalization, make_patch_dataset
-from ldct_jax.methods import MethodSpec
+from ldct_jax.methods import MethodSpec, bind_denoiser
 from ldct_jax.train.loop import Stage
 from ldct_jax.train.optim import make_optimizer
 
@@ -83,14 +83,18 @@ def make_train_step(model, loss_fn):
   return train_step
 
 
-def make_denoiser(model):
-  """``state -> jitted fn(x_norm) -> y_norm`` in inference mode."""
+def make_inference(model):
+  """``(denoise, inference_variables)`` for a model trained with ``TrainState``.
 
-  def make(state):
-    variables = model_variables(state)
-    return jax.jit(lambda x: model.apply(variables, x, train=False))
+  ``denoise(variables, x)`` is jitted here, once per method; the variables are
+  an argument (see ``MethodSpec.denoise``).
+  """
 
-  return make
+  @jax.jit
+  def denoise(variables, x):
+    return model.apply(variables, x, train=False)
+
+  return denoise, model_variables
 
 
 def build(config, dataset) -> MethodSpec:
@@ -99,7 +103,7 @@ def build(config, dataset) -> MethodSpec:
   tx = make_optimizer(config.optim, config.train.num_steps)
   normalization = Normalization.from_config(config.data.normalization)
   slab = int(config.data.get("slab", 1))
-  make = make_denoiser(model)
+  denoise, inference_variables = make_inference(model)
 
   def init_state(rng, previous):
     del previous
@@ -115,11 +119,13 @@ def build(config, dataset) -> MethodSpec:
 
   evaluate = None
   if dataset is not None and dataset.splits.get("val"):
-    evaluate = make_validation_fn(config, dataset.split("val"), make, normalization, slab)
+    evaluate = make_validation_fn(config, dataset.split("val"),
+                                  bind_denoiser(denoise, inference_variables), normalization, slab)
 
   stage = Stage(name="denoiser", num_steps=config.train.num_steps, init_state=init_state,
                 train_step=make_train_step(model, loss_fn), make_data=make_data,
                 evaluate=evaluate, best_metric=config.train.get("best_metric"),
                 best_mode=config.train.get("best_mode", "max"))
-  return MethodSpec(stages=[stage], make_denoiser=make, input_slab=slab,
+  return MethodSpec(stages=[stage], denoise=denoise, inference_variables=inference_variables,
+                    input_slab=slab,
                     description=f"{config.model.name} (supervised, {config.loss.name} loss)")

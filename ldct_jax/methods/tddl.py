@@ -45,7 +45,7 @@ from flax.training import train_state
 from ldct_jax import models, noise_stats
 from ldct_jax.evaluation import make_validation_fn, spread_slices
 from ldct_jax.data.pipeline import Normalization, Volume, make_patch_dataset
-from ldct_jax.methods import MethodSpec, supervised
+from ldct_jax.methods import MethodSpec, bind_denoiser, supervised
 from ldct_jax.models import vae as vae_lib
 from ldct_jax.physics import ct
 from ldct_jax.train.loop import Stage
@@ -186,7 +186,7 @@ def build(config, dataset) -> MethodSpec:
   # The physics condition exists only for the VAE; the baselines need none.
   use_map = source == "vae" and vae_model.use_noise_map
   map_keys = ("noise_map",) if use_map else ()
-  make_denoiser = supervised.make_denoiser(denoiser)
+  denoise, inference_variables = supervised.make_inference(denoiser)
 
   noise_ids = clean_ids = ()
   if dataset is not None:
@@ -299,7 +299,8 @@ def build(config, dataset) -> MethodSpec:
 
   evaluate = None
   if dataset is not None and dataset.splits.get("val"):
-    evaluate = make_validation_fn(config, dataset.split("val"), make_denoiser, normalization, slab)
+    evaluate = make_validation_fn(config, dataset.split("val"),
+                                  bind_denoiser(denoise, inference_variables), normalization, slab)
   stages.append(Stage(name="denoiser", num_steps=config.train.num_steps, init_state=denoiser_init,
                       train_step=denoiser_step, make_data=denoiser_data, evaluate=evaluate,
                       best_metric=config.train.get("best_metric"),
@@ -318,7 +319,8 @@ def build(config, dataset) -> MethodSpec:
 
   description = (f"TDDL ({source} noise) + {config.model.name}"
                  f"{', paired' if cfg.paired else ''}")
-  return MethodSpec(stages=stages, make_denoiser=make_denoiser, input_slab=slab,
+  return MethodSpec(stages=stages, denoise=denoise, inference_variables=inference_variables,
+                    input_slab=slab,
                     description=description, extra_reports={"noise_fidelity": noise_report})
 
 
