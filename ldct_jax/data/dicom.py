@@ -280,6 +280,40 @@ def _is_ct(ds: Dataset) -> bool:
   return ds.get("Modality", "") == "CT" or ds.get("SOPClassUID", "") == CTImageStorage
 
 
+# Photometric interpretations whose (rescaled) values are HU: MONOCHROME1
+# differs from MONOCHROME2 only in display polarity.
+_GRAYSCALE = ("MONOCHROME2", "MONOCHROME1")
+
+
+def check_ct_series(series: CTSeries) -> None:
+  """Refuses a series a CT denoiser was not trained on, naming a file and the tag.
+
+  A model trained on CT in HU must not be fed an MR slice (read with slope 1,
+  intercept 0 its values are arbitrary units) or a rendered RGB/palette image:
+  every slice must have Modality CT (or the CT Image Storage SOP class when
+  Modality is absent), a MONOCHROME photometric interpretation, and
+  RescaleSlope/RescaleIntercept with a RescaleType, if given, of HU.
+  """
+  for path, ds in zip(series.files, series.headers):
+    modality = str(ds.get("Modality", "") or "")
+    if modality and modality != "CT":
+      raise InputError(f"{path}: Modality is {modality!r}, not 'CT'; this model was trained "
+                       "on CT images in HU and cannot denoise other modalities")
+    if not modality and ds.get("SOPClassUID", "") != CTImageStorage:
+      raise InputError(f"{path}: no Modality tag and not a CT Image Storage object "
+                       f"(SOPClassUID {ds.get('SOPClassUID', '')!s}); refusing to treat it as CT")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    if photometric not in _GRAYSCALE:
+      raise InputError(f"{path}: PhotometricInterpretation {photometric or '(missing)'!r}; a CT "
+                       f"denoiser needs grayscale {' or '.join(_GRAYSCALE)} images")
+    if ds.get("RescaleSlope") in (None, "") or ds.get("RescaleIntercept") in (None, ""):
+      raise InputError(f"{path}: no RescaleSlope/RescaleIntercept; HU cannot be derived")
+    rescale_type = str(ds.get("RescaleType", "") or "")
+    if rescale_type and rescale_type.upper() != "HU":
+      raise InputError(f"{path}: RescaleType is {rescale_type!r}, not 'HU'; the model "
+                       "expects Hounsfield units")
+
+
 def _read_slice(path: pathlib.Path, map_padding: bool) -> _Slice:
   ds = _dcmread(path)
   if "PixelData" not in ds:
