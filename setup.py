@@ -1,11 +1,14 @@
-"""ldct_jax: JAX/Flax low-dose CT and MRI denoising and reconstruction."""
+"""ldct_jax: JAX/Flax low-dose CT denoising and reconstruction."""
 from setuptools import find_packages, setup
 
 # Versions are pinned to the stack the code and its numbers were checked on;
 # JAX/Flax/orbax APIs move fast, and unpinned installs silently change results.
+# Every entry is imported by ldct_jax, experiments/ or tests/ (jaxlib by jax,
+# which accepts 0.10.1 too).
+JAX_VERSION = "0.10.2"
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
+    f"jax=={JAX_VERSION}",
+    f"jaxlib=={JAX_VERSION}",
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
@@ -16,7 +19,6 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",
     "scikit-image==0.26.0",
     "pydicom==3.0.2",
-    "h5py>=3.10",
     "tensorboardX==2.6.5",
     "tqdm>=4.66",
     "pillow>=10",
@@ -25,14 +27,22 @@ INSTALL_REQUIRES = [
 setup(
     name="ldct_jax",
     version="0.1.0",
-    description="Low-dose CT and MRI denoising/reconstruction methods in JAX/Flax",
+    description="Low-dose CT denoising/reconstruction methods in JAX/Flax",
     packages=find_packages(include=["ldct_jax", "ldct_jax.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex==0.1.92"],
-        # Real CT slices for examples (pydicom-data) and the optional BM3D baseline.
-        "extras": ["pydicom-data==1.0.0", "bm3d>=4.0"],
+        # pytest-xdist runs the suite as `pytest -n 2` (CI).
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Accelerator builds of the pinned jax, all from PyPI. NVIDIA GPUs:
+        # CUDA 12 (what jax's own `cuda` extra means for 0.10.2; CUDA and cuDNN
+        # come as pip wheels, so only the NVIDIA driver must be installed), or
+        # CUDA 13 for newer drivers. Cloud TPU VMs: jax[tpu] brings libtpu.
+        "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
+        "cuda13": [f"jax[cuda13]=={JAX_VERSION}"],
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        # The optional BM3D baseline (evaluation uses it when installed).
+        "extras": ["bm3d>=4.0"],
         # PyTorch is only a benchmark reference, never a library dependency.
         "bench": ["torch==2.13.0"],
     },
