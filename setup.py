@@ -1,4 +1,4 @@
-"""ldct_jax: JAX/Flax low-dose CT denoising and reconstruction."""
+"""ldct_jax: low-dose CT denoising in JAX/Flax."""
 from setuptools import find_packages, setup
 
 # Versions are pinned to the stack the code and its numbers were checked on;
@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
 setup(
     name="ldct_jax",
     version="0.1.0",
-    description="Low-dose CT denoising/reconstruction methods in JAX/Flax",
+    description="Low-dose CT denoising methods in JAX/Flax",
     packages=find_packages(include=["ldct_jax", "ldct_jax.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,

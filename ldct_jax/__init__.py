@@ -1,4 +1,4 @@
-"""ldct_jax: low-dose CT and MRI denoising and reconstruction in JAX/Flax.
+"""ldct_jax: low-dose CT denoising in JAX/Flax, with a CT simulator in pure jnp.
 
 Conventions used throughout the package:
   * images are NHWC (NDHWC for 3D), float32;
