@@ -193,6 +193,7 @@ def main(config, *, mode: str, workdir: Optional[str], config_path: Optional[str
   if mode not in ("eval", "denoise"):
     raise ValueError(f"unknown mode {mode!r}")
   _require_trained(workdir)
+  enable_compilation_cache(workdir)  # before anything compiles
   if mode == "eval":
     return evaluate(run_config(workdir, overrides, action="evaluate"), workdir,
                     checkpoint=checkpoint)
