@@ -11,11 +11,20 @@ Conventions (stored with every number in ``metrics.json``):
     in the papers' tables; per-patient means are stored too.
   * The rows are: 'ldct' (the input), the model, and a classical baseline
     (BM3D if the ``bm3d`` package is installed, otherwise non-local means).
+
+Several processes (multi-host): each process denoises and scores its share of
+the volumes (every ``process_count``-th, from its ``process_index``) on its own
+first device with a process-local view of the replicated parameters
+(``process_local``), so no collective runs inside inference and no volume is
+scored twice; the per-slice scores are then gathered to every process, which
+all return the same report (validation ranks checkpoints identically on every
+host), and only process 0 writes files.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
@@ -116,29 +125,84 @@ def _mean(rows: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
   return {k: float(np.mean(np.concatenate([r[k] for r in rows]))) for k in keys}
 
 
+def process_local(tree):
+  """This process's single-device view of every replicated array in ``tree``.
+
+  A trained state is replicated over every device of every process; a jitted
+  function called on it would be one computation over all processes, which
+  every process must enter with the same inputs. Evaluation gives processes
+  different volumes, so it runs on each process's own first device instead.
+  The view shares the local replica's buffer (no copy).
+  """
+  def local(x):
+    if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+      return x
+    if not x.is_fully_replicated:
+      raise ValueError(f"evaluation needs replicated parameters, got an array of shape "
+                       f"{x.shape} sharded as {x.sharding}")
+    return x.addressable_data(0)
+
+  return jax.tree.map(local, tree)
+
+
+def gather_from_processes(obj) -> list:
+  """Every process's picklable ``obj``, in process order, returned on every process.
+
+  A collective: all processes must call it. One process returns ``[obj]``.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [pickle.loads(rows[p, :sizes[p]].tobytes()) for p in range(len(sizes))]
+
+
 def evaluate_volumes(volumes: Sequence[Volume], predictors: Dict[str, Callable], windows,
                      *, max_slices: Optional[int] = None, keep_images: bool = False) -> dict:
   """Scores each predictor (name -> ``fn(ld_hu volume) -> hu volume``) and the LDCT input.
 
   Returns ``{'patients': {id: {row: means}}, 'mean': {row: slice-weighted means},
-  'num_slices': n}``; with ``keep_images`` also the volumes under 'images'.
+  'num_slices': n}``; with ``keep_images`` also, under 'images', each patient's
+  middle scored slice ``{'z': index among the scored slices, 'nd': (H, W),
+  row: (H, W), ...}`` for panels.
+
+  On several processes, each scores its share of ``volumes`` (predictors must
+  not run collectives: bind them to ``process_local`` parameters) and all
+  return the same report; every process must call this with the same volumes.
   """
-  per_row: Dict[str, List[Dict[str, np.ndarray]]] = {}
-  patients, images = {}, {}
-  total = 0
-  for volume in volumes:
+  index, count = jax.process_index(), jax.process_count()
+  local = {}
+  for i in range(index, len(volumes), count):
+    volume = volumes[i]
     ld, nd = volume.arrays["ld"], volume.arrays["nd"]
     pick = spread_slices(ld.shape[0], max_slices)
     ld, nd = ld[pick], nd[pick]
-    total += ld.shape[0]
     outputs = {"ldct": ld, **{name: fn(ld) for name, fn in predictors.items()}}
-    patients[volume.patient_id] = {}
-    for row, pred in outputs.items():
-      scores = score_volume(pred, nd, windows)
-      per_row.setdefault(row, []).append(scores)
-      patients[volume.patient_id][row] = {k: float(np.mean(v)) for k, v in scores.items()}
+    scores = {row: score_volume(pred, nd, windows) for row, pred in outputs.items()}
+    images = None
     if keep_images:
-      images[volume.patient_id] = {"nd": nd, **outputs}
+      z = nd.shape[0] // 2
+      images = {"z": z, "nd": nd[z], **{row: pred[z] for row, pred in outputs.items()}}
+    local[i] = (scores, images)
+  results = {}
+  for part in gather_from_processes(local):
+    results.update(part)
+  per_row: Dict[str, List[Dict[str, np.ndarray]]] = {}
+  patients, images = {}, {}
+  total = 0
+  for i, volume in enumerate(volumes):  # volume order, whichever process scored it
+    scores, kept = results[i]
+    patients[volume.patient_id] = {}
+    for row, row_scores in scores.items():
+      per_row.setdefault(row, []).append(row_scores)
+      patients[volume.patient_id][row] = {k: float(np.mean(v)) for k, v in row_scores.items()}
+    total += len(next(iter(scores["ldct"].values())))
+    if keep_images:
+      images[volume.patient_id] = kept
   report = {"patients": patients, "mean": {row: _mean(rows) for row, rows in per_row.items()},
             "num_slices": total}
   if keep_images:
@@ -169,7 +233,7 @@ def make_validation_fn(config, volumes: Sequence[Volume], denoiser_for: Callable
   batch_size = int(config.eval.get("batch_size", 8))
 
   def evaluate(state) -> Dict[str, float]:
-    fn = denoiser_for(state)
+    fn = denoiser_for(process_local(state))
     report = evaluate_volumes(
         volumes, {"model": lambda ld: denoise_volume(fn, ld, normalization, slab=slab,
                                                      batch_size=batch_size)},
@@ -229,7 +293,7 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int,
   windows = list(config.eval.windows)
   normalization = Normalization.from_config(config.data.normalization)
   batch_size = int(config.eval.get("batch_size", 8))
-  fn = method.denoiser(state)
+  fn = method.denoiser(process_local(state))
   predictors = {"model": lambda ld: denoise_volume(fn, ld, normalization,
                                                    slab=method.input_slab, batch_size=batch_size)}
   classical = resolve_classical(config.eval.get("classical", "auto"))
@@ -251,9 +315,9 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int,
     os.makedirs(out_dir, exist_ok=True)
     write_report(report, os.path.join(out_dir, "metrics.json"))
     for patient_id, images in report["images"].items():
-      z = images["nd"].shape[0] // 2
+      z = images["z"]
       for window in windows[:2]:
         w = get_window(window)
         save_panel(os.path.join(out_dir, "panels", f"{patient_id}_z{z:03d}_{w.name}.png"),
-                   images["ldct"][z], images["model"][z], images["nd"][z], w)
+                   images["ldct"], images["model"], images["nd"], w)
   return report
