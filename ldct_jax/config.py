@@ -50,7 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       num_steps=1000, log_every=50, eval_every=250, checkpoint_every=250,
       keep_checkpoints=3, stop_at=0, tensorboard=True,
-      best_metric="val/psnr", best_mode="max"))
+      best_metric="val/psnr", best_mode="max",
+      # Multi-host: steps between all-host checks of SIGTERM (train/loop.py).
+      preemption_check_every=10))
 
   # ---- evaluation ----
   config.eval = ml_collections.ConfigDict(dict(
