@@ -1,6 +1,7 @@
 """The generic loop on toy stages: exact resume, stages, NaN handling, best checkpoint."""
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,21 @@ class CountingData:
     self.position = int(state["position"])
 
 
+class SignallingData(CountingData):
+  """Sends this process SIGTERM while fetching batch ``kill_at`` (0-based)."""
+
+  def __init__(self, kill_at, **kwargs):
+    super().__init__(**kwargs)
+    self.kill_at = kill_at
+
+  def __next__(self):
+    if self.position == self.kill_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return super().__next__()
+
+
 def toy_stage(name="fit", num_steps=8, nan_at=None, offset_from=None, evaluate=None,
-              best_mode="max", nan_only_at=None):
+              best_mode="max", nan_only_at=None, kill_at=None):
   def init_state(rng, previous):
     w = jax.random.normal(rng, (3,))
     if offset_from:
@@ -49,7 +63,9 @@ def toy_stage(name="fit", num_steps=8, nan_at=None, offset_from=None, evaluate=N
     return {"w": w, "count": state["count"] + 1}, {"loss": loss, "n": state["count"] + 1}
 
   return Stage(name=name, num_steps=num_steps, init_state=init_state, train_step=train_step,
-               make_data=lambda previous: CountingData(seed=len(name)), evaluate=evaluate,
+               make_data=lambda previous: (CountingData(seed=len(name)) if kill_at is None
+                                           else SignallingData(kill_at, seed=len(name))),
+               evaluate=evaluate,
                best_metric="val/score" if evaluate else None, best_mode=best_mode)
 
 
@@ -169,3 +185,31 @@ def test_nan_in_any_step_of_a_log_window_is_caught(tmp_path):
   cfg = LoopConfig(log_every=8, eval_every=100, checkpoint_every=2, tensorboard=False)
   with pytest.raises(NonFiniteLossError, match=r"non-finite by step 4.*step 2"):
     run_stages([toy_stage(nan_only_at=3)], str(tmp_path / "ckpt"), seed=0, loop_cfg=cfg)
+
+
+def test_sigterm_checkpoints_and_stops_in_a_stage_or_between_stages(tmp_path):
+  def stages(kill_in_first=None):
+    return [toy_stage("first", 4, kill_at=kill_in_first), toy_stage("second", 6, offset_from="first")]
+
+  seen = []
+  previous = signal.signal(signal.SIGTERM, lambda *a: seen.append(a))
+  try:
+    # Signalled while fetching batch 1: step 2 finishes, is checkpointed, and the run returns.
+    assert run_stages(stages(kill_in_first=1), str(tmp_path / "mid"), seed=0, loop_cfg=CFG) == {}
+    _, step = restore_stage_state(str(tmp_path / "mid"), toy_stage("first"), which="latest")
+    assert step == 2
+    # Signalled during the first stage's last step: it completes, the second never starts.
+    finals = run_stages(stages(kill_in_first=3), str(tmp_path / "end"), seed=0, loop_cfg=CFG)
+    assert list(finals) == ["first"]
+    assert os.path.exists(tmp_path / "end" / "checkpoints" / "first" / "COMPLETED")
+    assert not os.path.exists(tmp_path / "end" / "checkpoints" / "second")
+    # The loop's handler is gone again: SIGTERM reaches the one installed before.
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert len(seen) == 1
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  clean = run_stages(stages(), str(tmp_path / "clean"), seed=0, loop_cfg=CFG)
+  for name in ("mid", "end"):
+    resumed = run_stages(stages(), str(tmp_path / name), seed=0, loop_cfg=CFG)
+    np.testing.assert_array_equal(np.asarray(resumed["second"]["w"]),
+                                  np.asarray(clean["second"]["w"]))

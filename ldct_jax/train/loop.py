@@ -234,6 +234,10 @@ def run_stages(stages, workdir: str, *, seed: int, loop_cfg: LoopConfig,
   try:
     with _Preemption(loop_cfg.preemption_check_every) as preemption:
       for index, stage in enumerate(stages):
+        if index and preemption.should_stop(0):  # signalled as the last stage ended
+          log(f"run stopped (SIGTERM) before stage {stage.name!r}; rerun the same "
+              "command to resume")
+          return finals
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), index)
         state, finished = _run_stage(stage, workdir, rng, finals, mesh, writer,
                                      loop_cfg, preemption, global_offset)
@@ -288,7 +292,8 @@ def _run_stage(stage: Stage, workdir: str, rng: jax.Array, previous: Previous,
           sums, window_start = zero_sums(), step
         state, sums = train_step(state, sums, batch, rng_t)
         step += 1
-        stop_requested = preemption.should_stop(step)  # collective: every host, every step
+        # Every host asks at every step (a collective at multi-host check steps).
+        stop_requested = preemption.should_stop(step)
         stopping = bool(cfg.stop_at and global_offset + step >= cfg.stop_at) or stop_requested
         last = step == stage.num_steps
         if step % cfg.log_every == 0 or last or stopping:
