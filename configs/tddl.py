@@ -40,7 +40,7 @@ def get_config(variant: str = ""):
   tddl.bilateral_sigma = 1.5   # bilateral spatial sigma (px)
   # Noise VAE: full-resolution linear-in-z decoder with a fixed residual
   # sigma, so the latent must carry the (spatially correlated) noise; see
-  # ldct_jax/models/vae.py for why a learned sigma collapses to white noise.
+  # docs/noise_vae.md for why a learned sigma collapses to white noise.
   # use_noise_map conditions it on the slice's FBP noise map
   # (physics.ct.fbp_noise_log_std), which sets the noise level from the
   # attenuation along every ray, not from the local HU alone; samples are
@@ -56,8 +56,8 @@ def get_config(variant: str = ""):
       # (level_from_map) calibrated on the same pixels (level_edge_hu), and
       # the generative path sees the map only (structure_film=False): trained
       # on every pixel the VAE took lung texture for noise (test chest
-      # 1.3-1.5x too strong); this way abdomen/chest come out 0.93x/1.04x and
-      # the NPS peak matches (table in ldct_jax/models/vae.py).
+      # 1.3-1.5x too strong); this way abdomen/chest come out 0.92x/1.03x and
+      # the NPS peak matches (table in docs/noise_vae.md).
       flat_edge_hu=40.0,
       level_edge_hu=40.0,
       kl_warmup_steps=0, kl_weight=1.0, free_bits=0.0,

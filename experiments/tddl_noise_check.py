@@ -65,6 +65,9 @@ from ldct_jax.methods import tddl
 from ldct_jax.models import vae
 from ldct_jax.physics import ct
 
+# The default normalisation, as configs/tddl.py uses; the VAE takes it as an
+# argument (its own scales are in HU).
+NORM = pipeline.Normalization()
 NOISE_PATIENTS = ("SIM001", "SIM002")
 EVAL_PATIENTS = ("SIM003", "SIM004")
 DOSE_FRACTION = 0.25
@@ -103,30 +106,31 @@ def parse_args():
 
 
 def load_data():
-  """The built-in dataset's volumes (HU), pixel size (mm) and root."""
+  """The built-in dataset (volumes in HU, per-patient spacing)."""
   data_cfg = ml_collections.ConfigDict(
       {"builtin": {"num_patients": 4, "num_slices": 16},
        "patients": list(NOISE_PATIENTS + EVAL_PATIENTS)})
-  dataset = datasets.load_dataset(data_cfg)
-  pixel_size = float(dataset.spacing[EVAL_PATIENTS[0]][-1])
-  return dataset, pixel_size
+  return datasets.load_dataset(data_cfg)
 
 
-def train_vae(model, volumes, pixel_size, args):
+def train_vae(model, dataset, patients, args):
   """Adam on the negative ELBO over LDCT patches; returns params and a log."""
   keys = ("ld", "noise_map") if args.noise_map else ("ld",)
+  volumes = [dataset.volumes[p] for p in patients]
   stream = pipeline.make_patch_dataset(
-      [pipeline.Volume(v.patient_id, {"ld": v.arrays["ld"],
-                                      "noise_map": tddl.noise_map_of(v.arrays["ld"], pixel_size)})
+      [pipeline.Volume(v.patient_id, {
+          "ld": v.arrays["ld"],
+          "noise_map": tddl.noise_map_of(v.arrays["ld"],
+                                         tddl.in_plane_pixel_size(dataset, v.patient_id))})
        for v in volumes],
       keys=keys, raw_keys=keys[1:], patch_size=args.patch, batch_size=args.batch,
-      seed=args.seed, normalization=pipeline.Normalization(), num_threads=1)
+      seed=args.seed, normalization=NORM, num_threads=1)
   optimizer = optax.adam(args.lr)
   loss_fn = functools.partial(vae.elbo_loss, model=model, free_bits=args.free_bits)
 
   @jax.jit
   def step(params, opt_state, moments, ld, nmap, key, step_index):
-    batch = vae.noise_batch(ld, nmap, range_factor=args.range_factor,
+    batch = vae.noise_batch(ld, nmap, normalization=NORM, range_factor=args.range_factor,
                             flat_edge_hu=args.flat_edge_hu)
     kl_weight = vae.kl_weight_schedule(step_index, args.kl_warmup, 1.0)
     loss_key, level_key = jax.random.split(key)
@@ -143,13 +147,13 @@ def train_vae(model, volumes, pixel_size, args):
   def sample_std_hu(params, ld, nmap, key):
     # Prior samples vs the data: a decoder that only reconstructs posterior
     # codes shows a good ELBO but draws noise of the wrong level.
-    batch = vae.noise_batch(ld, nmap, range_factor=args.range_factor)
+    batch = vae.noise_batch(ld, nmap, normalization=NORM, range_factor=args.range_factor)
     draw = model.apply(params, batch["condition"], key, method=vae.NoiseVAE.sample)
-    return 4096.0 * jnp.std(draw), 4096.0 * jnp.std(batch["noise"])
+    return NORM.scale * jnp.std(draw), NORM.scale * jnp.std(batch["noise"])
 
   key = jax.random.PRNGKey(args.seed)
   first = next(stream)
-  first_batch = vae.noise_batch(first["ld"], first.get("noise_map"))
+  first_batch = vae.noise_batch(first["ld"], first.get("noise_map"), normalization=NORM)
   params = model.init(key, first_batch["noise"], first_batch["condition"], key, train=True)
   opt_state = optimizer.init(params)
   moments = (jnp.ones(()), jnp.ones(()))
@@ -177,7 +181,7 @@ def train_vae(model, volumes, pixel_size, args):
 
 def pseudo_ldct(model, params, nd_hu, pixel_size, key, noise_gain, range_factor, batch=8):
   """NDCT (D, H, W) HU -> pseudo-LDCT (D, H, W) HU through ``vae.synthesize``."""
-  norm = pipeline.Normalization()
+  norm = model.normalization
   synth = jax.jit(functools.partial(vae.synthesize, model=model, noise_gain=noise_gain,
                                     range_factor=range_factor))
   out = []
@@ -189,7 +193,7 @@ def pseudo_ldct(model, params, nd_hu, pixel_size, key, noise_gain, range_factor,
   return np.concatenate(out)
 
 
-def independent_scan_noise(dataset, pixel_size, key):
+def independent_scan_noise(dataset, key):
   """``LD' - ND'`` of a second simulation of the evaluation phantoms, HU."""
   spec = builtin.BuiltinSpec(num_patients=4, num_slices=16)
   noises = []
@@ -198,21 +202,20 @@ def independent_scan_noise(dataset, pixel_size, key):
     full, low = np.asarray(ct.simulate_dose_levels(
         truth, (1.0, spec.dose_fraction), jax.random.fold_in(key, i),
         incident_flux=spec.incident_flux, electronic_noise_std=spec.electronic_noise_std,
-        pixel_size=pixel_size))
+        pixel_size=tddl.in_plane_pixel_size(dataset, patient)))
     noises.append(low - full)
   return np.concatenate(noises)
 
 
 def main():
   args = parse_args()
-  dataset, pixel_size = load_data()
-  model = vae.NoiseVAE(latent_channels=args.latent_channels, features=args.features,
+  dataset = load_data()
+  model = vae.NoiseVAE(normalization=NORM, latent_channels=args.latent_channels, features=args.features,
                        num_down=args.num_down, sigma_mode=args.sigma_mode,
                        fixed_sigma=args.fixed_sigma, use_noise_map=bool(args.noise_map),
                        level_from_map=bool(args.noise_map and args.level_from_map),
                        structure_film=bool(args.structure_film or not args.noise_map))
-  params, sample_gain, log, train_seconds = train_vae(
-      model, [dataset.volumes[p] for p in NOISE_PATIENTS], pixel_size, args)
+  params, sample_gain, log, train_seconds = train_vae(model, dataset, NOISE_PATIENTS, args)
   print(f"trained {args.steps} steps in {train_seconds:.0f} s", flush=True)
 
   nd = np.concatenate([dataset.volumes[p].arrays["nd"] for p in EVAL_PATIENTS])
@@ -222,18 +225,28 @@ def main():
   body = ns.body_mask(nd)
   target_std = float((ld - nd)[body].std())
   gain = math.sqrt(1.0 - DOSE_FRACTION) * sample_gain
+  # Per-slice pixel spacing of the evaluation patients (the NPS needs it).
+  pixel_size = np.concatenate([
+      np.full(dataset.volumes[p].num_slices, tddl.in_plane_pixel_size(dataset, p))
+      for p in EVAL_PATIENTS])
+  vae_noisy = np.concatenate([
+      pseudo_ldct(model, params, dataset.volumes[p].arrays["nd"],
+                  tddl.in_plane_pixel_size(dataset, p), jax.random.fold_in(keys[0], i), gain,
+                  args.range_factor)
+      for i, p in enumerate(EVAL_PATIENTS)])
   candidates = {
-      "VAE": pseudo_ldct(model, params, nd, pixel_size, keys[0], gain, args.range_factor),
+      "VAE": vae_noisy,
       "Gaussian (matched std)": nd + np.asarray(ns.gaussian_noise_like(nd, target_std, keys[1])),
       "image Poisson (matched std)": nd + np.asarray(
           ns.image_poisson_noise_like(nd, target_std, keys[2], body)),
-      "independent scan (floor)": nd + independent_scan_noise(dataset, pixel_size, keys[3]),
+      "independent scan (floor)": nd + independent_scan_noise(dataset, keys[3]),
   }
   table = ns.noise_fidelity_table(candidates, ld, nd, pixel_size)
   print(f"\nnoise = image - NDCT, eval patients {EVAL_PATIENTS}, {nd.shape[0]} slices, "
-        f"pixel {pixel_size:.3f} mm; VAE noise gain {gain:.3f}\n")
+        f"pixel {np.unique(pixel_size).round(3).tolist()} mm; VAE noise gain {gain:.3f}\n")
   print(ns.fidelity_markdown(table))
-  result = {"args": vars(args), "pixel_size_mm": pixel_size, "train_seconds": train_seconds,
+  result = {"args": vars(args), "pixel_size_mm": np.unique(pixel_size).tolist(),
+            "normalization": NORM.to_config(), "train_seconds": train_seconds,
             "train_log": log, "noise_gain": gain, "target_std_hu": target_std,
             "table": table}
   pathlib.Path(args.out).write_text(json.dumps(result, indent=1))

@@ -16,6 +16,11 @@ Conventions:
   * The body is where the Gaussian-smoothed (sigma 2 px) reference exceeds
     ``BODY_THRESHOLD_HU`` (-900 HU: air excluded, lung included).
   * Frequencies in mm^-1, NPS in HU^2 mm^2 (``metrics.noise_power_spectrum``).
+  * Pixel spacing (``pixel_size_mm``): square pixels, one scalar for every
+    slice or one value per slice (``(N,)``: e.g. test patients scanned at
+    different fields of view). Spacing matters only for the NPS; slices of
+    different spacings are pooled on common frequency bins in mm^-1
+    (``radial_noise_nps``).
 """
 from __future__ import annotations
 
@@ -125,36 +130,86 @@ def noise_std_vs_hu(noisy_hu, reference_hu, bins: Union[Sequence[float], int] = 
   return centers, std, counts
 
 
+def _slice_spacings(pixel_size_mm, num_slices: int) -> np.ndarray:
+  """``(num_slices,)`` float64 spacings from a scalar or a per-slice sequence."""
+  spacing = np.asarray(pixel_size_mm, np.float64)
+  if spacing.ndim == 0:
+    spacing = np.full(num_slices, float(spacing))
+  if spacing.shape != (num_slices,):
+    raise ValueError(f"pixel_size_mm must be a scalar or one value per slice ({num_slices}), "
+                     f"got shape {spacing.shape}")
+  if not np.all(np.isfinite(spacing) & (spacing > 0)):
+    raise ValueError(f"pixel_size_mm must be positive, got {np.unique(spacing)}")
+  return spacing
+
+
+def _body_rois(noise: np.ndarray, reference_hu, roi: int,
+               stride: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+  """``body_rois`` plus the slice index of every ROI."""
+  inside = body_mask(reference_hu)
+  if inside.shape != noise.shape:
+    raise ValueError(f"shapes differ: {noise.shape} vs {inside.shape}")
+  stride = stride or roi // 2
+  rois, owners = [], []
+  for n in range(noise.shape[0]):
+    for y in range(0, noise.shape[1] - roi + 1, stride):
+      for x in range(0, noise.shape[2] - roi + 1, stride):
+        if inside[n, y:y + roi, x:x + roi].all():
+          rois.append(noise[n, y:y + roi, x:x + roi])
+          owners.append(n)
+  if not rois:
+    raise ValueError(f"no {roi}x{roi} ROI lies inside the body")
+  return np.stack(rois), np.asarray(owners)
+
+
 def body_rois(noise_hu, reference_hu, roi: int = 32, stride: Optional[int] = None) -> np.ndarray:
   """ROIs of a noise field lying wholly inside the body: ``(num_rois, roi, roi)``.
 
   ROIs sit on a grid of step ``stride`` (default ``roi // 2``: half
   overlapping); one is kept when all its pixels are in ``body_mask``.
   """
-  noise = _as_stack(noise_hu, "noise_hu")
-  inside = body_mask(reference_hu)
-  if inside.shape != noise.shape:
-    raise ValueError(f"shapes differ: {noise.shape} vs {inside.shape}")
-  stride = stride or roi // 2
-  rois = []
-  for n in range(noise.shape[0]):
-    for y in range(0, noise.shape[1] - roi + 1, stride):
-      for x in range(0, noise.shape[2] - roi + 1, stride):
-        if inside[n, y:y + roi, x:x + roi].all():
-          rois.append(noise[n, y:y + roi, x:x + roi])
-  if not rois:
-    raise ValueError(f"no {roi}x{roi} ROI lies inside the body")
-  return np.stack(rois)
+  return _body_rois(_as_stack(noise_hu, "noise_hu"), reference_hu, roi, stride)[0]
 
 
-def radial_noise_nps(noise_hu, pixel_size_mm: float, reference_hu=None, *, roi: int = 32,
+def _pooled_radial_nps(rois: np.ndarray, spacings: np.ndarray,
+                       num_bins: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Radial NPS of ROIs of several pixel spacings on common bins in mm^-1.
+
+  Each spacing's ROIs give a 2-D NPS (``metrics.noise_power_spectrum``, HU^2
+  mm^2, comparable across spacings); its frequency samples go to equal-width
+  radial bins up to the Nyquist frequency of the coarsest spacing (finer
+  spacings' higher frequencies are left out), by the bin rule of
+  ``metrics.radial_nps``. A bin's value is the mean over every ROI's
+  samples in it, so one spacing alone gives ``metrics.radial_nps``.
+  """
+  nyquist = 0.5 / float(spacings.max())
+  sums, counts = np.zeros(num_bins), np.zeros(num_bins)
+  for spacing in np.unique(spacings):
+    members = rois[spacings == spacing]
+    nps2d = np.asarray(metrics.noise_power_spectrum(members, spacing), np.float64)
+    fy, fx = metrics.nps_frequencies(nps2d.shape, spacing)
+    radius = np.hypot(fy[:, None], fx[None, :])
+    keep = (radius > 0) & (radius <= nyquist)
+    index = np.minimum((radius[keep] / nyquist * num_bins).astype(np.int64), num_bins - 1)
+    sums += members.shape[0] * np.bincount(index, nps2d[keep], minlength=num_bins)
+    counts += members.shape[0] * np.bincount(index, minlength=num_bins)
+  if np.any(counts == 0):
+    raise ValueError(f"num_bins={num_bins} leaves empty radial bins for {rois.shape[1:]} ROIs; "
+                     "use fewer bins")
+  edges = np.linspace(0.0, nyquist, num_bins + 1)
+  return 0.5 * (edges[:-1] + edges[1:]), sums / counts
+
+
+def radial_noise_nps(noise_hu, pixel_size_mm, reference_hu=None, *, roi: int = 32,
                      stride: Optional[int] = None,
                      num_bins: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, int]:
   """Radially averaged NPS of a noise field from ROIs inside the body.
 
   Args:
     noise_hu: ``(N, H, W)`` noise, HU.
-    pixel_size_mm: pixel spacing, mm.
+    pixel_size_mm: pixel spacing, mm: a scalar, or ``(N,)`` per slice. With
+      several spacings the NPS of their ROIs is pooled on common bins in
+      mm^-1 up to the coarsest spacing's Nyquist frequency.
     reference_hu: ``(N, H, W)`` image that defines the body (``body_rois``);
       None uses every ROI of the grid (for noise-only fields).
     roi: ROI side, pixels.
@@ -166,10 +221,17 @@ def radial_noise_nps(noise_hu, pixel_size_mm: float, reference_hu=None, *, roi: 
     NPS in HU^2 mm^2 ``(num_bins,)`` (mean-detrended ROIs), ROI count.
   """
   noise = _as_stack(noise_hu, "noise_hu")
+  spacings = _slice_spacings(pixel_size_mm, noise.shape[0])
   reference = np.zeros_like(noise) if reference_hu is None else reference_hu
-  rois = body_rois(noise, reference, roi, stride)
-  nps2d = metrics.noise_power_spectrum(rois, pixel_size_mm)
-  frequencies, nps = metrics.radial_nps(nps2d, pixel_size_mm, num_bins or roi // 4)
+  rois, owners = _body_rois(noise, reference, roi, stride)
+  num_bins = num_bins or roi // 4
+  roi_spacings = spacings[owners]
+  if np.all(roi_spacings == roi_spacings[0]):
+    spacing = float(roi_spacings[0])
+    nps2d = metrics.noise_power_spectrum(rois, spacing)
+    frequencies, nps = metrics.radial_nps(nps2d, spacing, num_bins)
+  else:
+    frequencies, nps = _pooled_radial_nps(rois, roi_spacings, num_bins)
   return np.asarray(frequencies), np.asarray(nps), rois.shape[0]
 
 
@@ -195,7 +257,7 @@ def histogram_distance(a, b) -> float:
   return float(np.sum(np.abs(cdf_a - cdf_b) * widths))
 
 
-def compare_noise(candidate_noisy_hu, real_noisy_hu, reference_hu, pixel_size_mm: float, *,
+def compare_noise(candidate_noisy_hu, real_noisy_hu, reference_hu, pixel_size_mm, *,
                   roi: int = 32, bins: Union[Sequence[float], int] = DEFAULT_HU_BINS,
                   min_count: int = 50, return_curves: bool = False) -> dict:
   """Distance of a candidate noisy image set to the real noisy one.
@@ -207,7 +269,7 @@ def compare_noise(candidate_noisy_hu, real_noisy_hu, reference_hu, pixel_size_mm
     candidate_noisy_hu: ``(N, H, W)`` e.g. NDCT + synthetic noise, HU.
     real_noisy_hu: ``(N, H, W)`` real LDCT, HU.
     reference_hu: ``(N, H, W)`` the shared reference, HU.
-    pixel_size_mm: mm.
+    pixel_size_mm: mm, a scalar or ``(N,)`` per slice (``radial_noise_nps``).
     roi: NPS ROI side, pixels.
     bins: std-vs-HU bins (``noise_std_vs_hu``).
     min_count: flat pixels a bin needs in both sets to count.
@@ -263,7 +325,7 @@ FIDELITY_COLUMNS = (
 
 
 def noise_fidelity_table(candidates: Mapping[str, object], real_noisy_hu, reference_hu,
-                         pixel_size_mm: float, **compare_kwargs) -> dict:
+                         pixel_size_mm, **compare_kwargs) -> dict:
   """``compare_noise`` of several candidate noisy image sets to one real set.
 
   Every candidate is measured against the same real images, reference,
@@ -275,7 +337,7 @@ def noise_fidelity_table(candidates: Mapping[str, object], real_noisy_hu, refere
     candidates: name -> ``(N, H, W)`` candidate noisy images, HU.
     real_noisy_hu: ``(N, H, W)`` real noisy images (e.g. LDCT), HU.
     reference_hu: ``(N, H, W)`` shared reference (noise = image - reference).
-    pixel_size_mm: mm.
+    pixel_size_mm: mm, a scalar or ``(N,)`` per slice.
     **compare_kwargs: forwarded to ``compare_noise`` (``roi``, ``bins``,
       ``min_count``, ``return_curves``).
 

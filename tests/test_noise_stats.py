@@ -108,19 +108,80 @@ def test_real_ct_noise_is_told_apart_from_matched_gaussian(simulated_ct):
   assert to_repeat["std_vs_hu_rel_error"] < to_gaussian["std_vs_hu_rel_error"]
 
 
-def test_noise_fidelity_table_rows_match_compare_noise(simulated_ct):
-  reference, (real, repeat), px = simulated_ct
-  std = float((real - reference)[ns.body_mask(reference)].std())
-  gaussian = reference + np.asarray(ns.gaussian_noise_like(reference, std, jax.random.PRNGKey(4)))
-  table = ns.noise_fidelity_table({"repeat": repeat, "gaussian": gaussian}, real, reference, px,
-                                  roi=16)
-  assert list(table) == ["repeat", "gaussian"]
-  assert table["gaussian"] == ns.compare_noise(gaussian, real, reference, px, roi=16)
-  # Ranks as the single comparisons do: the independent scan is closer.
-  assert table["repeat"]["nps_rel_l2"] < table["gaussian"]["nps_rel_l2"]
+def _ring_noise(rng, shape, pixel_size_mm, peak_per_mm, width_per_mm, nps_peak):
+  """Noise of a known NPS, ``nps_peak exp(-((f - peak) / width)^2)`` HU^2 mm^2, float64.
+
+  White noise filtered in the DFT domain by a ring ``H(f)`` in mm^-1: for
+  unit-variance white noise the NPS is ``dx^2 |H(f)|^2``, so the factor
+  ``sqrt(nps_peak) / dx`` gives the same physical spectrum at any spacing.
+  """
+  white = rng.normal(size=shape)
+  f = np.fft.fftfreq(shape[-1], d=pixel_size_mm)
+  radius = np.hypot(f[:, None], f[None, :])
+  ring = np.exp(-0.5 * ((radius - peak_per_mm) / width_per_mm) ** 2)
+  field = np.fft.ifft2(np.fft.fft2(white) * ring).real
+  return field * np.sqrt(nps_peak) / pixel_size_mm
+
+
+def test_compare_noise_against_closed_forms_for_white_and_ring_noise():
+  # Reference: two flat levels, body everywhere. Real noise white 10 HU;
+  # candidates of known std and spectrum. Closed forms (float64): for white
+  # noise NPS = sigma^2 dx^2 (flat), so the NPS rel. L2 of white sigma_c
+  # against white sigma_r is |sigma_c^2 - sigma_r^2| / sigma_r^2; the W1 of
+  # N(0, sigma_c) and N(0, sigma_r) is |sigma_c - sigma_r| sqrt(2 / pi); the
+  # std-vs-HU error is |sigma_c - sigma_r| / sigma_r in every level.
+  rng = np.random.default_rng(5)
+  px, sigma_r, sigma_c = 0.8, 10.0, 20.0
+  reference = _two_level_reference(n=8).astype(np.float64)
+  real = reference + rng.normal(0.0, sigma_r, reference.shape)
+  white = reference + rng.normal(0.0, sigma_c, reference.shape)
+  ring = reference + _ring_noise(rng, reference.shape, px, 0.3, 0.04, 200.0)
+  table = ns.noise_fidelity_table({"white": white, "ring": ring}, real, reference, px, roi=32)
+  assert list(table) == ["white", "ring"]
+  row = table["white"]
+  assert row["noise_std_real_hu"] == pytest.approx(sigma_r, rel=0.02)
+  assert row["noise_std_candidate_hu"] == pytest.approx(sigma_c, rel=0.02)
+  assert row["std_vs_hu_rel_error"] == pytest.approx(abs(sigma_c - sigma_r) / sigma_r, abs=0.04)
+  assert row["nps_rel_l2"] == pytest.approx(abs(sigma_c**2 - sigma_r**2) / sigma_r**2, rel=0.05)
+  assert row["histogram_w1_hu"] == pytest.approx(abs(sigma_c - sigma_r) * np.sqrt(2 / np.pi),
+                                                 rel=0.03)
+  # The ring's NPS peaks at 0.3 mm^-1 (bins of 0.625 / 8 mm^-1 up to Nyquist).
+  bin_width = 0.5 / px / 8
+  assert abs(table["ring"]["nps_peak_freq_candidate"] - 0.3) <= bin_width
   lines = ns.fidelity_markdown(table).splitlines()
   assert len(lines) == 2 + 2 + 1  # header, rule, two candidates, real
-  assert lines[2].startswith("| repeat | ") and lines[-1].startswith("| real | 0.000 |")
-  assert f"{table['repeat']['nps_rel_l2']:.3f}" in lines[2]
+  assert lines[2].startswith("| white | ") and lines[-1].startswith("| real | 0.000 |")
+  assert f"{row['nps_rel_l2']:.3f}" in lines[2]
+  assert f"| {row['noise_std_real_hu']:.1f} |" in lines[-1]
   with pytest.raises(ValueError):
     ns.noise_fidelity_table({}, real, reference, px)
+
+
+def test_radial_nps_pools_slices_of_different_spacing_in_mm():
+  # Slices 0-7 at 1.0 mm, 8-15 at 0.5 mm, the same physical noise: white noise
+  # with sigma * dx fixed has the flat NPS sigma^2 dx^2 = 100 HU^2 mm^2 at
+  # both spacings; a ring spectrum peaks at 0.3 mm^-1 at both. Read with one
+  # spacing for all slices, the 0.5 mm half would come out 4x too weak (flat
+  # case) or peak at twice its frequency (ring).
+  rng = np.random.default_rng(6)
+  spacings = np.repeat([1.0, 0.5], 8)
+  white = np.stack([rng.normal(0.0, 10.0 / dx, (64, 64)) for dx in spacings])
+  freqs, nps, num_rois = ns.radial_noise_nps(white, spacings, roi=32, num_bins=8)
+  assert num_rois == 16 * 9
+  np.testing.assert_allclose(freqs, (np.arange(8) + 0.5) * 0.5 / 8)  # coarsest Nyquist
+  # Per bin within sampling error (the lowest bin holds the fewest samples).
+  np.testing.assert_allclose(nps, 100.0, rtol=0.15)
+  assert np.mean(nps) == pytest.approx(100.0, rel=0.04)
+  # With one spacing the pooling reduces to metrics.radial_nps.
+  rois = ns.body_rois(white[:8], np.zeros_like(white[:8]))
+  pooled = ns._pooled_radial_nps(rois, np.full(len(rois), 1.0), 8)
+  single = metrics.radial_nps(metrics.noise_power_spectrum(rois, 1.0), 1.0, 8)
+  np.testing.assert_allclose(pooled[0], single[0], rtol=1e-6)
+  np.testing.assert_allclose(pooled[1], single[1], rtol=1e-5)
+  ring = np.stack([_ring_noise(rng, (64, 64), dx, 0.3, 0.04, 400.0) for dx in spacings])
+  freqs, nps, _ = ns.radial_noise_nps(ring, spacings, roi=32, num_bins=8)
+  assert abs(freqs[np.argmax(nps)] - 0.3) <= 0.5 / 8
+  # ... and its peak level: the ring's 400 HU^2 mm^2, blurred by the bin width.
+  assert 200.0 < nps.max() < 440.0
+  with pytest.raises(ValueError, match="per slice"):
+    ns.radial_noise_nps(white, spacings[:3])

@@ -10,10 +10,12 @@ import pytest
 from ldct_jax import metrics
 from ldct_jax import noise_stats as ns
 from ldct_jax.data import phantoms
+from ldct_jax.data.pipeline import Normalization
 from ldct_jax.models import vae
 from ldct_jax.physics import ct
 
-TINY = dict(latent_channels=4, features=8, num_down=1)
+NORM = Normalization()  # the default: (HU + 1024) / 4096
+TINY = dict(normalization=NORM, latent_channels=4, features=8, num_down=1)
 
 
 def _corr(a, b, mask):
@@ -25,7 +27,7 @@ def _correlated_noise(key, shape, std_hu=16.0):
   """Spatially correlated noise (white noise blurred, sigma 1 px), network units."""
   white = jax.random.normal(key, shape)
   blurred = metrics.gaussian_blur(white, 1.0)
-  return blurred / jnp.std(blurred) * std_hu / 4096.0
+  return blurred / jnp.std(blurred) * std_hu / NORM.scale
 
 
 def test_extract_noise_keeps_noise_and_leaves_edges():
@@ -37,10 +39,10 @@ def test_extract_noise_keeps_noise_and_leaves_edges():
   # any FBP by the reconstruction blur of its edges.
   clean = ct.mu_to_hu(geometry.reconstruct(geometry.project(ct.hu_to_mu(hu), px), (64, 64), px))
   low = ct.simulate_low_dose(hu, 0.25, jax.random.PRNGKey(0), incident_flux=1e5, pixel_size=px)
-  ld_norm = ((low + 1024.0) / 4096.0)[..., None]
-  noise, structure = vae.extract_noise(ld_norm)
+  ld_norm = NORM.normalize(low)[..., None]
+  noise, structure = vae.extract_noise(ld_norm, normalization=NORM)
   np.testing.assert_allclose(noise + structure, ld_norm, atol=1e-6)
-  noise_hu = np.asarray(noise)[..., 0] * 4096.0
+  noise_hu = np.asarray(noise)[..., 0] * NORM.scale
   true = np.asarray(low - clean)
   edges = np.asarray(clean - metrics.gaussian_blur(clean[..., None], 1.0)[..., 0])
   body = np.asarray(volume.hu) > -900
@@ -54,8 +56,8 @@ def test_extract_noise_keeps_noise_and_leaves_edges():
 def test_estimate_noise_std_recovers_white_noise_in_body():
   key = jax.random.PRNGKey(1)
   image = jnp.full((2, 32, 32, 1), 0.25).at[:, :, :8].set(0.0)  # air strip
-  image = image + (10.0 / 4096.0) * jax.random.normal(key, image.shape) * (image > 0)
-  estimate = np.asarray(vae.estimate_noise_std(image)).ravel() * 4096.0
+  image = image + (10.0 / NORM.scale) * jax.random.normal(key, image.shape) * (image > 0)
+  estimate = np.asarray(vae.estimate_noise_std(image, NORM)).ravel() * NORM.scale
   np.testing.assert_allclose(estimate, 10.0, rtol=0.15)
 
 
@@ -146,7 +148,7 @@ def test_synthesize_adds_noise_to_ndct(trained):
 
 def _radial_nps(noise_norm):
   """Radial NPS (4 bins, unit pixels) of (B, 16, 16, 1) noise, in HU^2."""
-  return ns.radial_noise_nps(np.asarray(noise_norm)[..., 0] * 4096.0, 1.0, None, roi=16,
+  return ns.radial_noise_nps(np.asarray(noise_norm)[..., 0] * NORM.scale, 1.0, None, roi=16,
                              num_bins=4)[1]
 
 
@@ -214,7 +216,8 @@ def test_noise_map_sets_the_level_from_physics_at_init():
   # noise_map_weight starts at 1: a map 0.5 higher (log std) must give
   # samples e^0.5 = 1.65x stronger before any training, for the same
   # structure; the local scale network starts at zero.
-  model = vae.NoiseVAE(latent_channels=2, features=4, num_down=0, use_noise_map=True)
+  model = vae.NoiseVAE(normalization=NORM, latent_channels=2, features=4, num_down=0,
+                       use_noise_map=True)
   structure = jnp.full((4, 16, 16, 1), 0.25)
   low = vae.make_condition(structure, jnp.full_like(structure, 2.0))
   high = vae.make_condition(structure, jnp.full_like(structure, 2.5))
@@ -238,8 +241,8 @@ def test_level_from_map_ignores_structure_and_follows_the_map_exactly():
   # by exactly e^0.5 when the map rises by 0.5, and a different structure
   # (bone vs water) does not change it; the learnt offset b moves every
   # pixel alike.
-  model = vae.NoiseVAE(latent_channels=2, features=4, num_down=0, use_noise_map=True,
-                       level_from_map=True)
+  model = vae.NoiseVAE(normalization=NORM, latent_channels=2, features=4, num_down=0,
+                       use_noise_map=True, level_from_map=True)
   z = jax.random.normal(jax.random.PRNGKey(5), (2, 16, 16, 2))
   water = jnp.full((2, 16, 16, 1), 0.25)
   bone = jnp.full_like(water, 0.5)
@@ -256,7 +259,7 @@ def test_level_from_map_ignores_structure_and_follows_the_map_exactly():
   np.testing.assert_allclose(decode(shifted, condition(water, 2.0)), np.exp(0.3) * base,
                              rtol=1e-5, atol=1e-9)
   with pytest.raises(ValueError, match="use_noise_map"):
-    vae.NoiseVAE(latent_channels=2, features=4, level_from_map=True).init(
+    vae.NoiseVAE(normalization=NORM, latent_channels=2, features=4, level_from_map=True).init(
         jax.random.PRNGKey(0), z, water, method=vae.NoiseVAE.decode)
 
 
@@ -270,8 +273,9 @@ def test_structure_film_off_makes_the_model_blind_to_local_hu():
   condition = lambda s, m: vae.make_condition(s, jnp.full_like(s, m))
   outputs = {}
   for structure_film in (True, False):
-    model = vae.NoiseVAE(latent_channels=2, features=4, num_down=0, use_noise_map=True,
-                         level_from_map=True, structure_film=structure_film)
+    model = vae.NoiseVAE(normalization=NORM, latent_channels=2, features=4, num_down=0,
+                         use_noise_map=True, level_from_map=True,
+                         structure_film=structure_film)
     params = model.init(jax.random.PRNGKey(0), z, condition(water, 2.5),
                         method=vae.NoiseVAE.decode)
     film = params["params"]["cond_film"]["kernel"]
@@ -287,7 +291,7 @@ def test_structure_film_off_makes_the_model_blind_to_local_hu():
   assert float(jnp.max(jnp.abs(low_map_off - water_off))) > 1e-3 * float(
       jnp.max(jnp.abs(water_off)))
   with pytest.raises(ValueError, match="structure_film"):
-    vae.NoiseVAE(latent_channels=2, features=4, structure_film=False).init(
+    vae.NoiseVAE(normalization=NORM, latent_channels=2, features=4, structure_film=False).init(
         jax.random.PRNGKey(0), z, water, method=vae.NoiseVAE.decode)
 
 
@@ -301,9 +305,9 @@ def test_level_moments_compare_training_noise_with_samples(trained):
   np.testing.assert_allclose(float(sample_ms), float(jnp.mean(jnp.square(draw))), rtol=1e-6)
   # edge_hu: averages over the flat pixels of the structure (here a 400 HU
   # step through the middle of every patch), for data and sample alike.
-  step_up = jnp.zeros_like(batch["condition"]).at[:, :, 8:].set(400.0 / 4096.0)
+  step_up = jnp.zeros_like(batch["condition"]).at[:, :, 8:].set(400.0 / NORM.scale)
   edged = {**batch, "condition": batch["condition"] + step_up}
-  flat = vae.flat_weight(edged["condition"], 40.0)
+  flat = vae.flat_weight(edged["condition"], 40.0, normalization=NORM)
   assert 0.2 < float(jnp.mean(flat)) < 0.8
   data_flat, sample_flat = vae.level_moments(params, edged, jax.random.PRNGKey(4), model=model,
                                              edge_hu=40.0)
@@ -320,8 +324,9 @@ def test_flat_weight_excludes_edges_texture_and_air():
   hu = np.zeros((1, 32, 32), np.float32)
   hu[:, :, 16:] = 200.0
   hu[:, :6] = -1000.0
-  structure = jnp.asarray((hu + 1024.0) / 4096.0)[..., None]
-  weight = np.asarray(vae.flat_weight(structure, edge_hu=40.0, radius=3))[0, :, :, 0]
+  structure = jnp.asarray(NORM.normalize(hu))[..., None]
+  weight = np.asarray(vae.flat_weight(structure, edge_hu=40.0, radius=3,
+                                      normalization=NORM))[0, :, :, 0]
   assert set(np.unique(weight)) == {0.0, 1.0}
   assert weight[:6].sum() == 0  # air
   assert weight[6:9].sum() == 0  # within 3 px of the air/body edge
@@ -329,14 +334,14 @@ def test_flat_weight_excludes_edges_texture_and_air():
   # 15 and 16, so the flat band ends 3 px further.
   assert weight[12:, 12:20].sum() == 0
   assert weight[12:, :12].all() and weight[12:, 20:].all()
-  np.testing.assert_array_equal(vae.flat_weight(structure, edge_hu=0.0), 1.0)
+  np.testing.assert_array_equal(vae.flat_weight(structure, edge_hu=0.0, normalization=NORM), 1.0)
 
 
 def test_weighted_elbo_ignores_unobserved_pixels():
   # num_down 0: encoder and decoder each see +-3 px, so changing rows 0-1
   # moves codes and reconstructions of rows <= 7 only. With the KL off, a
   # likelihood restricted to rows >= 16 must not notice; the full one must.
-  model = vae.NoiseVAE(latent_channels=2, features=4, num_down=0)
+  model = vae.NoiseVAE(normalization=NORM, latent_channels=2, features=4, num_down=0)
   keys = jax.random.split(jax.random.PRNGKey(7), 3)
   noise = _correlated_noise(keys[0], (2, 32, 32, 1))
   batch = {"noise": noise, "condition": jnp.full_like(noise, 0.25),
@@ -359,3 +364,51 @@ def test_level_moments_ema_and_sample_gain():
   d = vae.LEVEL_EMA_DECAY
   np.testing.assert_allclose([float(m) for m in moments], [4.0 * d, d + 2.0 * (1 - d)], rtol=1e-6)
   assert float(vae.sample_gain((jnp.asarray(4.0), jnp.asarray(1.0)))) == pytest.approx(2.0)
+
+
+def test_everything_in_hu_is_the_same_under_another_normalization():
+  # Nothing in vae.py may assume (HU + 1024) / 4096: the same HU images
+  # under another affine map must give the same noise, structure, noise
+  # estimate and flat pixels, and (same parameters, same key) the same
+  # samples and ELBO metrics, all in HU. The NLL is a log-density in network
+  # units, so it moves by exactly log(4096 / 2000) per observed pixel.
+  other = Normalization(shift=-1000.0, scale=2000.0)
+  rng = np.random.default_rng(0)
+  hu = np.zeros((2, 32, 32), np.float32)
+  hu[:, :, 16:] = 200.0
+  hu[:, :6] = -1000.0
+  hu = hu + rng.normal(0.0, 20.0, hu.shape).astype(np.float32) * (hu > -1000)
+  out = {}
+  for norm in (NORM, other):
+    x = jnp.asarray(norm.normalize(hu))[..., None]
+    noise, structure = vae.extract_noise(x, normalization=norm, range_factor=5.0)
+    out[norm] = dict(
+        noise=np.asarray(noise) * norm.scale,
+        structure=np.asarray(norm.denormalize(structure)),
+        std=np.asarray(vae.estimate_noise_std(x, norm)) * norm.scale,
+        flat=np.asarray(vae.flat_weight(structure, 40.0, normalization=norm)),
+        batch={"noise": noise, "condition": structure})
+  a, b = out[NORM], out[other]
+  np.testing.assert_allclose(a["std"], b["std"], rtol=1e-4)
+  assert 18.0 < float(a["std"].mean()) < 22.0  # the white noise's 20 HU
+  np.testing.assert_allclose(a["noise"], b["noise"], atol=0.02)
+  np.testing.assert_allclose(a["structure"], b["structure"], atol=0.02)
+  assert 0.2 < a["flat"].mean() < 0.8
+  assert np.mean(a["flat"] != b["flat"]) <= 1e-3
+  models = {norm: vae.NoiseVAE(**{**TINY, "normalization": norm}) for norm in (NORM, other)}
+  params = models[NORM].init(jax.random.PRNGKey(0), a["batch"]["noise"],
+                             a["batch"]["condition"], jax.random.PRNGKey(1), train=True)
+  samples, metrics_ = {}, {}
+  for norm, model in models.items():
+    draw = model.apply(params, out[norm]["batch"]["condition"], jax.random.PRNGKey(2),
+                       method=vae.NoiseVAE.sample)
+    samples[norm] = np.asarray(draw) * norm.scale
+    metrics_[norm] = vae.elbo_loss(params, out[norm]["batch"], jax.random.PRNGKey(3), 1.0,
+                                   model=model)[1]
+  assert 5.0 < samples[NORM].std() < 100.0
+  np.testing.assert_allclose(samples[NORM], samples[other], rtol=1e-4, atol=0.01)
+  for key in ("recon_rmse_hu", "sigma_hu", "kl"):
+    np.testing.assert_allclose(float(metrics_[NORM][key]), float(metrics_[other][key]),
+                               rtol=1e-4)
+  np.testing.assert_allclose(float(metrics_[other]["nll"] - metrics_[NORM]["nll"]),
+                             np.log(4096.0 / 2000.0), rtol=1e-4)

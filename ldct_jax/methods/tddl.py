@@ -50,6 +50,7 @@ from ldct_jax.models import vae as vae_lib
 from ldct_jax.physics import ct
 from ldct_jax.train.loop import Stage
 from ldct_jax.train.optim import make_optimizer
+from ldct_jax.windows import BODY_THRESHOLD_HU
 
 NOISE_SOURCES = ("vae", "gaussian", "poisson")
 
@@ -74,10 +75,10 @@ def estimate_noise_level_hu(volumes, normalization: Normalization, max_slices: i
   """
   stds = []
   for volume in volumes:
-    ld = volume.arrays["ld"]
-    x = jnp.asarray(normalization.normalize(ld[spread_slices(ld.shape[0], max_slices)]))[..., None]
-    noise, _ = vae_lib.extract_noise(x, **extract_kwargs)
-    body = np.asarray(x[..., 0]) > float(normalization.normalize(-900.0))
+    ld = volume.arrays["ld"][spread_slices(volume.num_slices, max_slices)]
+    x = jnp.asarray(normalization.normalize(ld))[..., None]
+    noise, _ = vae_lib.extract_noise(x, normalization=normalization, **extract_kwargs)
+    body = ld > BODY_THRESHOLD_HU
     stds.append(float(np.std(np.asarray(noise[..., 0])[body])) * normalization.scale)
   return float(np.mean(stds))
 
@@ -127,7 +128,7 @@ def make_noise_fn(source: str, normalization: Normalization, noise_std_hu: float
       def one(x, m, r):
         del m
         hu = normalization.denormalize(x)
-        mask = hu > -900.0
+        mask = hu > BODY_THRESHOLD_HU
         return x + noise_stats.image_poisson_noise_like(hu, noise_std_hu, r, mask) / normalization.scale
       return per_slice(one, nd, None, rng)
   else:
@@ -182,7 +183,8 @@ def build(config, dataset) -> MethodSpec:
   normalization = Normalization.from_config(config.data.normalization)
   slab = int(config.data.get("slab", 1))
   denoiser = models.get_model(config.model)
-  vae_model = vae_lib.NoiseVAE(**dict(cfg.vae.model))
+  # The VAE's scales are in HU; the normalisation says what its inputs mean.
+  vae_model = vae_lib.NoiseVAE(normalization=normalization, **dict(cfg.vae.model))
   # The physics condition exists only for the VAE; the baselines need none.
   use_map = source == "vae" and vae_model.use_noise_map
   map_keys = ("noise_map",) if use_map else ()
@@ -226,6 +228,7 @@ def build(config, dataset) -> MethodSpec:
 
   def vae_step(state, batch, rng):
     vae_batch = vae_lib.noise_batch(batch["ld"], batch.get("noise_map"),
+                                    normalization=normalization,
                                     flat_edge_hu=float(cfg.vae.flat_edge_hu), **extract)
     kl_weight = vae_lib.kl_weight_schedule(state.step, int(cfg.vae.kl_warmup_steps),
                                            float(cfg.vae.kl_weight))
@@ -337,6 +340,11 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
   ('*_ldct_level'). The synthetic noise gets no paired data at all; its
   'synthetic_matched' row rescales it to the oracle std like the baselines,
   to compare shapes at equal variance.
+
+  Each patient's slices keep their own pixel spacing (``in_plane_pixel_size``,
+  as for the noise map): the noise power spectra of patients scanned at
+  different fields of view are pooled on common frequency bins in mm^-1
+  (``noise_stats.radial_noise_nps``).
   """
   volumes = dataset.split("test")
   picks = [spread_slices(v.num_slices, max_slices) for v in volumes]
@@ -344,7 +352,8 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
   ld = np.concatenate([v.arrays["ld"][pick] for v, pick in zip(volumes, picks)])
   state = states["denoiser"]
   x = jnp.asarray(normalization.normalize(nd))[..., None]
-  spacing = dataset.spacing[volumes[0].patient_id][1]
+  spacing = np.concatenate([np.full(len(pick), in_plane_pixel_size(dataset, v.patient_id))
+                            for v, pick in zip(volumes, picks)])
   noise_map = (jnp.asarray(np.concatenate([
       noise_map_of(v.arrays["nd"][pick], in_plane_pixel_size(dataset, v.patient_id))
       for v, pick in zip(volumes, picks)]))[..., None] if use_map else None)

@@ -1,170 +1,43 @@
 """Conditional VAE over low-dose CT noise, for TDDL (Chen et al., ISICDM 2020).
 
-TDDL learns the noise of real low-dose CT (LDCT) from LDCT images alone,
-then adds sampled noise to normal-dose (NDCT) images of other patients to make
-pseudo-LDCT/NDCT training pairs. This module holds the three pieces:
+TDDL learns the noise of real low-dose CT (LDCT) from LDCT images alone, then
+adds sampled noise to normal-dose (NDCT) images of other patients to make
+pseudo-LDCT/NDCT training pairs. This module holds the pieces:
+``extract_noise`` splits an LDCT image into ``structure + noise`` with no
+paired NDCT (an edge-preserving bilateral filter, because a linear low-pass
+would take anatomy edges for noise); ``NoiseVAE`` is a VAE over the noise
+field, conditioned on the slice's physics noise map and its local content,
+with a fixed white residual and a decoder linear in ``z`` so that it cannot
+collapse to white noise; ``elbo_loss``, ``level_moments`` and ``synthesize``
+train it, calibrate the level of its samples on the training LDCT, and make
+pseudo-LDCT images.
 
-1. ``extract_noise``: splits an LDCT image into ``structure + noise`` with no
-   paired NDCT.
-2. ``NoiseVAE``: a VAE over the noise field, conditioned on the local image
-   content so that the noise level and texture follow attenuation.
-3. ``elbo_loss`` / ``kl_weight_schedule`` for training, ``synthesize`` for
-   making pseudo-LDCT images.
-
-All arrays are NHWC with one channel, in network units (HU + 1024) / 4096
-(``data.pipeline.Normalization``'s default): a noise of d HU is d / 4096.
-
-Noise extraction: why a bilateral filter. FBP noise in LDCT is mostly high
-frequency (the ramp filter lifts it; on the built-in data a Gaussian blur of
-sigma 1.5 px keeps ~99% of the noise's correlation with itself in its
-residual), while anatomy has edges of hundreds of HU. A linear low-pass
-``S`` would move those edges into ``LDCT - S(LDCT)``: on the built-in data the
-residual of a Gaussian blur correlates 0.96 with the edges of the noise-free
-image and only 0.21 with the noise. The bilateral filter (Tomasi & Manduchi,
-1998) averages a pixel only with neighbours of similar value, so it smooths
-noise (tens of HU) but not edges; its residual correlates ~0.74 with the true
-noise (0.80-0.84 in the abdomen, 0.60-0.67 in the chest, where lung vessels
-are small, low-noise structures) and ~0.0 with the edges. A guided/joint
-bilateral (range weights from a pre-smoothed image) was tried and leaks edges
-(correlation 0.2-0.4); a median filter would remove the noise's sign
-structure. What the bilateral cannot separate: noise at frequencies below its
-spatial kernel (small for FBP noise), and fine texture of contrast below the
-range scale, which ends up as "noise".
-
-Which pixels teach the VAE (``flat_weight``): the likelihood sees only
-body pixels far from edges of the structure estimate (gradient below 40
-HU/px within 3 px); the KL still covers every latent, so the loss is the
-ELBO of the observed pixels. On the built-in data the residual over those
-pixels has the true LDCT noise's std in the chest (16.0 vs 16.0 HU) and
-0.93x it in the abdomen (the bilateral's flat-region low-pass), while over
-the whole chest body it is 1.27x (20.0 vs 15.7 HU: lung vessels leak in).
-
-The level, and why TDDL's default takes it from the physics map
-(``level_from_map``), keeps local HU out of the generative path
-(``structure_film=False``) and learns from flat pixels only. Three things
-set how strong the samples are: the local scale ``s(c)``, the decoder's
-amplitude (its FiLM), and the ``sample_gain`` calibration (``level_moments``
-over ``tddl.vae.level_edge_hu`` pixels). Measured on the test patients of
-the TDDL default run (SIM007 abdomen / SIM008 chest, 500 VAE steps; body
-std of synthetic / real LD - ND noise, then std-vs-HU error, NPS rel. L2,
-NPS peak (real: 0.206 mm^-1) and W1; 2026-11-21):
-
-  likelihood  s(c)          FiLM sees   gain   abdomen  chest       HU     NPS    peak   W1
-  all         learnt (map)  structure   all    -        1.32-1.48x  0.110  0.360  0.251  3.12
-  all         learnt (map)  structure   flat   0.95x    1.33x       0.108  0.247  0.251  1.62
-  all         map only      structure   flat   0.95x    1.30x       0.108  0.251  0.251  1.51
-  all         map only      structure   all    1.05x    1.45x       0.112  0.361  0.251  3.00
-  flat        map only      structure   flat   0.95x    0.90x       0.191  0.240  0.206  1.59
-  all         map only      map only    flat   -        -           0.196  0.271  0.251  1.84
-  flat        map only      map only    flat   0.92x    1.03x       0.089  0.199  0.206  0.50
-
-Whenever the likelihood sees the lung's texture the chest comes out ~1.3x
-too strong and the NPS peaks too high: the decoder learns "lung looks
-noisier" (through its structure FiLM, or, without it, by making all noise
-more textured). On flat pixels alone the texture stays out, but a FiLM that
-sees the structure must then extrapolate to the edges and lung it never
-saw; with the map as the only condition of the generative path nothing
-needs extrapolating, and every statistic is best (last row; Gaussian and
-image-Poisson noise at the real std score 0.323/0.325/1.29 and
-0.219/0.350/0.50). The GCN trained on the FiLM-on-structure flat variant
-(row 5) denoised worse than on the all-pixel default of row 1 (test
-abdomen/lung PSNR 35.70/43.06 vs 35.97/44.13 dB). The remaining ~5% deficit
-is the bilateral's flat-region low-pass; a wider bilateral (spatial sigma 3
-px, radius 6) put smooth anatomy into the "noise" instead (NPS peak at 0.023
-mm^-1, rel. L2 1.16), so sigma stays 1.5 px. What the map-only path cannot
-learn: noise texture tied to local anatomy (e.g. streaks from bone), which
-the map's per-slice ray physics only captures as a level.
-
-Range scale: ``range_factor`` (default 3) times a robust per-image noise
-estimate, the median absolute difference of horizontally adjacent body pixels
-(Gaussian-consistent MAD, divided by sqrt(2)). Pixels outside the body (air
-below ``body_threshold``) are left out of the estimate: their noise is lower
-and would dominate it in a mostly-air image.
-
-The VAE's output distribution: ``p(n | z, c) = N(s(c) g(z, c), sigma^2)``
-per pixel, with ``g`` the decoder, ``s(c) = noise_scale exp(h(c))`` a local
-noise scale computed from the condition only (so the noise level follows
-attenuation), and ``sigma`` the white residual.
-
-The condition. Channel 0 is the structure estimate (local HU). With
-``use_noise_map`` a second channel holds ``physics.ct.fbp_noise_log_std`` of
-the whole slice: the log of the FBP noise std implied by the line integrals
-through each pixel. It enters ``log s(c)`` additively with a learnt weight
-that starts at 1 (the physics), plus the learnt local correction ``h(c)``.
-Why: CT noise is set by the attenuation along every ray through a pixel,
-i.e. by the whole slice, not by the pixel's HU. Trained on 64^2 patches of
-two patients with the structure alone, the VAE got the noise level of two
-other patients 26% too low (18.3 vs 25.2 HU body std; their bodies attenuate
-more), while the map predicts the std of simulated FBP noise within ~4%
-across a phantom (tests/test_physics_noise_map.py).
-
-Why ``sigma`` is fixed (``sigma_mode='fixed'``, the default). The first
-version learnt ``sigma`` (the sigma-VAE of Rybkin et al., ICML 2021) and
-collapsed on the built-in noise: in the linear-Gaussian view ``n = A z +
-eps``, ``eps ~ N(0, sigma^2 I)``, maximum likelihood may put all the
-variance in ``sigma`` (white), KL -> 0, ``z`` unused, samples white noise.
-With ``sigma`` fixed well below the noise, the ELBO optimum needs ``A A^T ~
-Sigma_n - sigma^2 I``: the decoder becomes the colouring filter of the noise
-(FBP noise is filtered white sinogram noise) and prior samples are correlated
-like the data. ``sigma = fixed_sigma * noise_scale`` is absolute, NOT in
-units of the learnt ``s(c)``: tied to ``s(c)`` it was not fixed at all --
-the model inflated ``s(c)`` ~15x and the "fixed" residual carried the noise
-again (25 HU residual std, decoder 14 HU reconstruction error, on 16 HU
-noise). ``fixed_sigma = 0.3`` (4.8 HU) rather than 0.1: both reconstruct, but
-at 0.1 the KL is ~3x higher (4 vs 1.5 nats/pixel) and the prior samples
-reach the data's level more slowly (sample/data std after 200 steps on the
-built-in LDCT patches: 0.55 at 0.1 with lr 2e-3, 0.87 at 0.3 with lr 3e-3;
-on the tiny test problem at one lr, 0.41 vs 0.52 after 100 steps). ``'learned'`` keeps the
-old behaviour for comparison.
-
-Why the decoder is linear in ``z`` (``linear_decoder=True``): for a fixed
-condition ``p(n | c)`` is then exactly Gaussian with covariance ``A(c) A(c)^T
-+ sigma^2 I``, so prior samples carry the covariance the ELBO fitted, with no
-"holes" between posterior codes; FBP noise, a sum over many rays, is close to
-Gaussian, so nothing is lost. The condition still enters the decoder through
-``s(c)`` and a multiplicative FiLM (no shift), so it never adds signal and
-spatial noise structure has to come from ``z``.
-
-Other guards: the KL weight may be annealed from 0 (``kl_weight_schedule``;
-with a fixed ``sigma`` collapse is impossible and no warm-up trained best) and
-optional free bits keep a floor of KL per latent channel; ``sample`` draws
-from the full model, ``s(c) g(z, c) + sigma eps``.
-
-Known limitation (measured): prior samples are under-dispersed -- 0.55x the
-training noise's std after 200 steps, 0.85x after 500 on the built-in data,
-and no closer by 500 steps. Matching the per-channel variance of the
-aggregate posterior (an "ex-post" prior) does not help: it is already ~1
-(measured 0.998-1.014). What the decoder relies on and N(0, I) lacks is the
-spatial correlation of posterior codes (the encoder sees overlapping 7x7
-windows). TDDL therefore calibrates the sample level on its training LDCT
-(``level_moments``; ``methods/tddl.py``); the spectrum's shape is the VAE's.
-Also tried and dropped: undoing the extraction's low-pass on the samples
-(``1 / |1 - g^(f)|``, the bilateral's flat-region response) -- the low
-frequencies of the extracted noise are mostly leaked texture, not lost
-noise, and boosting them tripled the NPS error.
-
-The decoder upsamples by nearest-neighbour repetition followed by a 3x3 conv
-rather than a strided transposed conv: transposed convs leave checkerboard
-artefacts, which would appear as a spurious peak in the noise power spectrum
--- exactly the statistic the synthetic noise is judged on.
+Arrays are NHWC with one channel in network units, i.e. the data's
+``data.pipeline.Normalization`` (``config.data.normalization``). Every
+conversion between HU and network units here takes that normalisation as an
+argument (``NoiseVAE.normalization``, or ``normalization=`` of the free
+functions) and the model's own scales are in HU, so a run with another
+normalisation learns the same noise in HU. The design choices and the
+measurements behind them are in docs/noise_vae.md.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from ldct_jax.models.layers import Conv
+from ldct_jax.windows import BODY_THRESHOLD_HU
+
+if TYPE_CHECKING:
+  from ldct_jax.data.pipeline import Normalization
 
 Array = jax.Array
 
-# Default body threshold: -900 HU in network units ((HU + 1024) / 4096).
-# Air is -1000 HU; lung parenchyma (~-850 HU) still counts as body.
-BODY_THRESHOLD = (-900.0 + 1024.0) / 4096.0
 # Gaussian consistency constant of the median absolute deviation.
 _MAD_TO_STD = 1.4826
 SIGMA_MODES = ("fixed", "learned")
@@ -191,11 +64,12 @@ def make_condition(structure: Array, noise_map: Optional[Array] = None) -> Array
   return jnp.concatenate([structure, noise_map.astype(structure.dtype)], axis=-1)
 
 
-def estimate_noise_std(image: Array, body_threshold: float = BODY_THRESHOLD) -> Array:
+def estimate_noise_std(image: Array, normalization: "Normalization",
+                       body_threshold_hu: float = BODY_THRESHOLD_HU) -> Array:
   """Robust per-image noise std from adjacent-pixel differences in the body.
 
   ``1.4826 median(|x[i, j+1] - x[i, j]|) / sqrt(2)`` over pairs whose both
-  pixels exceed ``body_threshold``. For white noise this is the noise std;
+  pixels exceed ``body_threshold_hu``. For white noise this is the noise std;
   FBP noise is anti-correlated at one pixel lag, so it overestimates it by a
   constant factor (~1.3 on the built-in data), which ``range_factor`` in
   ``extract_noise`` absorbs. Edges are a small fraction of pairs and do not
@@ -203,13 +77,15 @@ def estimate_noise_std(image: Array, body_threshold: float = BODY_THRESHOLD) -> 
 
   Args:
     image: ``(B, H, W, 1)`` network units.
-    body_threshold: pixels at or below it (air) are ignored, network units.
+    normalization: the HU <-> network units map of ``image``.
+    body_threshold_hu: pixels at or below it (air) are ignored, HU.
 
   Returns:
     ``(B, 1, 1, 1)`` noise std estimate, network units. Images without body
     pixels fall back to all pixels.
   """
   _check_nhwc1(image, "image")
+  body_threshold = normalization.normalize(body_threshold_hu)
   diff = image[:, :, 1:] - image[:, :, :-1]
   inside = (image[:, :, 1:] > body_threshold) & (image[:, :, :-1] > body_threshold)
   has_body = jnp.any(inside, axis=(1, 2, 3), keepdims=True)
@@ -240,9 +116,12 @@ def bilateral_filter(image: Array, range_sigma: Array, radius: int = 3,
   height, width = image.shape[1:3]
   padded = jnp.pad(image, ((0, 0), (radius, radius), (radius, radius), (0, 0)),
                    mode="reflect")
-  # Floor (1e-6 network units = 0.004 HU): a noise-free image has a zero
-  # noise estimate, and 0.5 / 0 would turn the weights into NaN.
-  inv_two_var = 0.5 / jnp.maximum(jnp.square(range_sigma), 1e-12)
+  # Floor at the smallest normal float, so the filter needs no unit: a
+  # noise-free image has a zero noise estimate, and 0.5 / 0 would turn the
+  # weights into NaN (0 x inf). With the floor every neighbour that differs
+  # from the centre gets weight 0 and the centre (weight 1) keeps its value.
+  dtype = jnp.result_type(image.dtype, jnp.float32)
+  inv_two_var = 0.5 / jnp.maximum(jnp.square(range_sigma), jnp.finfo(dtype).tiny)
   numerator = jnp.zeros_like(image)
   denominator = jnp.zeros_like(image)
   # A static loop over taps: each is a shifted slice, no gather; XLA fuses
@@ -258,25 +137,27 @@ def bilateral_filter(image: Array, range_sigma: Array, radius: int = 3,
   return numerator / denominator
 
 
-@functools.partial(jax.jit, static_argnames=("radius", "spatial_sigma"))
+@functools.partial(jax.jit, static_argnames=("normalization", "radius", "spatial_sigma"))
 def extract_noise(ld_norm: Array, noise_std: Optional[Array] = None, *,
-                  range_factor: float = 3.0, radius: int = 3,
+                  normalization: "Normalization", range_factor: float = 3.0, radius: int = 3,
                   spatial_sigma: float = 1.5,
-                  body_threshold: float = BODY_THRESHOLD) -> Tuple[Array, Array]:
+                  body_threshold_hu: float = BODY_THRESHOLD_HU) -> Tuple[Array, Array]:
   """Splits LDCT images into ``(noise, structure)`` with no paired NDCT.
 
-  ``structure`` is the bilateral filter of the image (see the module
-  docstring for why), ``noise = ld_norm - structure``.
+  ``structure`` is the bilateral filter of the image (docs/noise_vae.md says
+  why), ``noise = ld_norm - structure``.
 
   Args:
     ld_norm: ``(B, H, W, 1)`` LDCT images, network units.
     noise_std: optional known noise std (network units, scalar or
       ``(B, 1, 1, 1)``); default ``estimate_noise_std`` per image.
+    normalization: the HU <-> network units map of ``ld_norm`` (static).
     range_factor: range sigma of the bilateral = ``range_factor *
       noise_std``. Larger removes more noise but lets weaker edges through.
+      TDDL passes ``config.tddl.range_factor`` (5 in configs/tddl.py).
     radius: bilateral window half-width, pixels.
     spatial_sigma: bilateral spatial sigma, pixels.
-    body_threshold: air threshold for the noise estimate, network units.
+    body_threshold_hu: air threshold of the noise estimate, HU.
 
   Returns:
     ``(noise, structure)``, both ``(B, H, W, 1)`` network units, summing to
@@ -284,40 +165,47 @@ def extract_noise(ld_norm: Array, noise_std: Optional[Array] = None, *,
   """
   _check_nhwc1(ld_norm, "ld_norm")
   if noise_std is None:
-    noise_std = estimate_noise_std(ld_norm, body_threshold)
+    noise_std = estimate_noise_std(ld_norm, normalization, body_threshold_hu)
   structure = bilateral_filter(ld_norm, range_factor * noise_std, radius,
                                spatial_sigma)
   return ld_norm - structure, structure
 
 
-def flat_weight(structure: Array, edge_hu: float = 40.0, radius: int = 3,
-                body_threshold: float = BODY_THRESHOLD) -> Array:
+def flat_weight(structure: Array, edge_hu: float = 40.0, radius: int = 3, *,
+                normalization: "Normalization",
+                body_threshold_hu: float = BODY_THRESHOLD_HU) -> Array:
   """1 where the extracted noise can be trusted, else 0: ``(B, H, W, 1)`` float32.
 
-  A pixel counts when it is inside the body and, within ``radius`` pixels,
-  the structure estimate's gradient (central differences) stays below
-  ``edge_hu`` HU per pixel. Near edges and in fine texture (lung vessels)
-  the bilateral residual holds structure as well as noise; measured on the
-  built-in chest patients, the residual's std over the whole body is 27%
-  above the true LDCT noise's (20.0 vs 15.7 HU), over these flat pixels
-  equal to it (16.0 vs 16.0; 35-70% of the body qualifies at 40 HU/px).
+  A pixel counts when it is inside the body (structure above
+  ``body_threshold_hu``) and, within ``radius`` pixels, the structure
+  estimate's gradient (central differences) stays below ``edge_hu`` HU per
+  pixel. Near edges and in fine texture (lung vessels) the bilateral
+  residual holds structure as well as noise (measured in docs/noise_vae.md).
   ``edge_hu <= 0`` trusts every pixel.
+
+  Args:
+    structure: ``(B, H, W, 1)`` structure estimate, network units.
+    edge_hu: gradient limit, HU per pixel.
+    radius: pixels around an edge that do not count.
+    normalization: the HU <-> network units map of ``structure``.
+    body_threshold_hu: air threshold, HU.
   """
   _check_nhwc1(structure, "structure")
   if edge_hu <= 0:
     return jnp.ones_like(structure)
-  hu = 4096.0 * structure[..., 0]
+  hu = normalization.denormalize(structure[..., 0])
   padded = jnp.pad(hu, ((0, 0), (1, 1), (1, 1)), mode="edge")
   grad_y = 0.5 * (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1])
   grad_x = 0.5 * (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2])
   steepest = jax.lax.reduce_window(
       jnp.hypot(grad_y, grad_x), -jnp.inf, jax.lax.max, (1, 2 * radius + 1, 2 * radius + 1),
       (1, 1, 1), ((0, 0), (radius, radius), (radius, radius)))
-  flat = (steepest < edge_hu) & (structure[..., 0] > body_threshold)
+  flat = (steepest < edge_hu) & (hu > body_threshold_hu)
   return flat.astype(jnp.float32)[..., None]
 
 
-def noise_batch(ld_norm: Array, noise_map: Optional[Array] = None, *, flat_edge_hu: float = 0.0,
+def noise_batch(ld_norm: Array, noise_map: Optional[Array] = None, *,
+                normalization: "Normalization", flat_edge_hu: float = 0.0,
                 **extract_kwargs) -> dict:
   """A VAE training batch from LDCT images: ``{'noise', 'condition', 'weight'}``.
 
@@ -326,57 +214,66 @@ def noise_batch(ld_norm: Array, noise_map: Optional[Array] = None, *, flat_edge_
   smooth input; ``noise_map`` (``(B, H, W, 1)``, ``fbp_noise_log_std`` of
   the whole slices the patches come from) is appended as a second channel.
   ``weight`` is ``flat_weight(structure, flat_edge_hu)``: the pixels whose
-  noise the likelihood sees (0 = all pixels).
+  noise the likelihood sees (0 = all pixels). ``normalization`` is the
+  images' HU <-> network units map; ``extract_kwargs`` go to
+  ``extract_noise``.
   """
-  noise, structure = extract_noise(ld_norm, **extract_kwargs)
+  noise, structure = extract_noise(ld_norm, normalization=normalization, **extract_kwargs)
   return {"noise": noise, "condition": make_condition(structure, noise_map),
-          "weight": flat_weight(structure, flat_edge_hu)}
+          "weight": flat_weight(structure, flat_edge_hu, normalization=normalization)}
 
 
 class NoiseVAE(nn.Module):
-  """Conditional VAE over noise fields; see the module docstring.
+  """Conditional VAE over noise fields (docs/noise_vae.md has the design).
 
-  Latent: a ``(H / 2**num_down, W / 2**num_down, latent_channels)`` map, so
-  each latent vector describes a neighbourhood and the decoder turns it into
-  spatially correlated noise.
+  ``p(n | z, c) = N(s(c) g(z, c), sigma^2)`` per pixel: ``g`` the decoder,
+  ``s(c)`` a local noise scale computed from the condition only (so the
+  level follows attenuation), ``sigma`` a white residual. Latent: a ``(H /
+  2**num_down, W / 2**num_down, latent_channels)`` map, so each latent
+  vector describes a neighbourhood and the decoder turns it into spatially
+  correlated noise.
 
   Attributes:
+    normalization: the HU <-> network units map of every image, noise and
+      structure the model sees or makes (``config.data.normalization``);
+      the scales below are in HU and converted through it.
     latent_channels: channels of the latent map.
     features: channels of the hidden conv layers.
     num_down: stride-2 downsamplings in the encoder (latent stride
       ``2**num_down``); images are padded to a multiple of it where needed.
-    noise_scale: typical noise std, network units (16 HU by default, the
-      body noise of the built-in quarter-dose data); the networks see and
-      produce noise in these units, so their activations are O(1).
-    condition_offset: network value subtracted from the condition (0.25,
-    ~0 HU, water).
-    condition_scale: factor applied to the condition after the offset (4:
-      1 unit per 1024 HU).
+    noise_scale_hu: typical noise std, HU (16, the body noise of the
+      built-in quarter-dose data); the networks see and produce noise in
+      units of it (``noise_scale`` in network units), so their activations
+      are O(1).
+    condition_center_hu: HU subtracted from the structure before the
+      networks see it (0: water).
+    condition_scale_hu: HU per unit of the structure the networks see
+      (1024).
     sigma_mode: ``'fixed'`` (residual std ``fixed_sigma * noise_scale``) or
       ``'learned'`` (one learnt scalar in units of ``s(c)``, the old
-      sigma-VAE, which collapses on CT noise); see the module docstring.
+      sigma-VAE, which collapses on CT noise).
     fixed_sigma: residual std in units of ``noise_scale`` for ``'fixed'``.
     linear_decoder: no nonlinearity on the ``z`` path of the decoder, so
-      ``p(noise | c)`` is Gaussian (see the module docstring).
+      ``p(noise | c)`` is Gaussian.
     use_noise_map: the condition has a second channel,
-      ``fbp_noise_log_std`` of the slice (see the module docstring).
+      ``fbp_noise_log_std`` of the slice.
     level_from_map: the local scale is the physics alone, ``log s(c) =
       log noise_scale + b + (map - NOISE_MAP_OFFSET)`` with one learnt
       scalar ``b``: no learnt dependence on the structure channel and a
-      map weight fixed at 1 (needs ``use_noise_map``; see the module
-      docstring for why).
+      map weight fixed at 1 (needs ``use_noise_map``).
     structure_film: the decoder's FiLM sees the structure channel; False:
       only the noise map (needs ``use_noise_map``), so nothing the VAE
       learns can tie the noise's amplitude or texture to local HU.
     conv_lowering: conv lowering passed to every conv (see ``layers``).
   """
 
+  normalization: Any
   latent_channels: int = 16
   features: int = 32
   num_down: int = 2
-  noise_scale: float = 16.0 / 4096.0
-  condition_offset: float = 0.25
-  condition_scale: float = 4.0
+  noise_scale_hu: float = 16.0
+  condition_center_hu: float = 0.0
+  condition_scale_hu: float = 1024.0
   sigma_mode: str = "fixed"
   fixed_sigma: float = 0.3
   linear_decoder: bool = True
@@ -426,6 +323,11 @@ class NoiseVAE(nn.Module):
       self.log_sigma = self.param("log_sigma", nn.initializers.constant(math.log(0.1)), ())
 
   @property
+  def noise_scale(self) -> float:
+    """``noise_scale_hu`` in network units."""
+    return self.noise_scale_hu / self.normalization.scale
+
+  @property
   def stride(self) -> int:
     return 2**self.num_down
 
@@ -434,7 +336,8 @@ class NoiseVAE(nn.Module):
     return 2 if self.use_noise_map else 1
 
   def _normalize_condition(self, condition: Array) -> Array:
-    structure = (condition[..., :1] - self.condition_offset) * self.condition_scale
+    structure_hu = self.normalization.denormalize(condition[..., :1])
+    structure = (structure_hu - self.condition_center_hu) / self.condition_scale_hu
     if not self.use_noise_map:
       return structure
     return jnp.concatenate([structure, condition[..., 1:] - NOISE_MAP_OFFSET], axis=-1)
@@ -627,8 +530,8 @@ def elbo_loss(params, batch: dict, rng: Array, kl_weight, *, model: NoiseVAE,
   Returns:
     ``(loss, metrics)``; metrics (per pixel unless named otherwise):
     ``loss``, ``nll``, ``kl`` (unfloored, nats/pixel), ``kl_per_latent``
-    (nats per latent element), ``recon_rmse_hu`` (of the decoder mean,
-    x 4096), ``sigma_hu`` (mean std of the likelihood, x 4096).
+    (nats per latent element), ``recon_rmse_hu`` (of the decoder mean, HU),
+    ``sigma_hu`` (mean std of the likelihood, HU).
   """
   noise, condition = batch["noise"], batch["condition"]
   weight = batch.get("weight")
@@ -649,14 +552,16 @@ def elbo_loss(params, batch: dict, rng: Array, kl_weight, *, model: NoiseVAE,
   nll_pixel = jnp.sum(weight * nll) / pixels
   kl_pixel = jnp.sum(kl) / pixels
   loss = nll_pixel + kl_weight * jnp.sum(kl_floored) / pixels
+  hu_per_unit = model.normalization.scale
   metrics = {
       "loss": loss,
       "nll": nll_pixel,
       "kl": kl_pixel,
       "kl_per_latent": jnp.mean(kl),
       "observed_fraction": pixels / noise.size,
-      "recon_rmse_hu": 4096.0 * jnp.sqrt(jnp.sum(weight * jnp.square(noise - recon)) / pixels),
-      "sigma_hu": 4096.0 * jnp.mean(jnp.exp(log_std)),
+      "recon_rmse_hu": hu_per_unit * jnp.sqrt(jnp.sum(weight * jnp.square(noise - recon))
+                                              / pixels),
+      "sigma_hu": hu_per_unit * jnp.mean(jnp.exp(log_std)),
   }
   return loss, metrics
 
@@ -683,7 +588,8 @@ def level_moments(params, batch: dict, rng: Array, *, model: NoiseVAE,
   if edge_hu is None:
     weight = batch.get("weight")
   else:
-    weight = flat_weight(batch["condition"][..., :1], edge_hu)
+    weight = flat_weight(batch["condition"][..., :1], edge_hu,
+                         normalization=model.normalization)
   weight = jnp.ones_like(draw) if weight is None else weight
   pixels = jnp.maximum(jnp.sum(weight), 1.0)
   return (jnp.sum(weight * jnp.square(batch["noise"])) / pixels,
@@ -743,10 +649,8 @@ def synthesize(params, ndct_norm: Array, rng: Array, *, model: NoiseVAE,
       for quarter dose) gives the pseudo-LDCT the LDCT's total variance.
       TDDL also folds in the level calibration ``sample_gain`` (see
       ``level_moments``): prior samples of the trained VAE are weaker than
-      its training noise (measured 0.85x after 500 steps on the built-in
-      data, for 0.5-0.9 throughout training: the ELBO converges slowly in
-      the prior's direction), so their amplitude is matched to the
-      training LDCT's noise.
+      its training noise (docs/noise_vae.md), so their amplitude is matched
+      to the training LDCT's noise.
     **extract_kwargs: forwarded to ``extract_noise`` for the condition.
 
   Returns:
@@ -756,7 +660,8 @@ def synthesize(params, ndct_norm: Array, rng: Array, *, model: NoiseVAE,
   _check_nhwc1(ndct_norm, "ndct_norm")
   if model.use_noise_map and noise_map is None:
     raise ValueError("this NoiseVAE is conditioned on a noise map; pass noise_map")
-  structure = (extract_noise(ndct_norm, **extract_kwargs)[1] if smooth_condition
+  structure = (extract_noise(ndct_norm, normalization=model.normalization,
+                             **extract_kwargs)[1] if smooth_condition
                else ndct_norm)
   condition = make_condition(structure, noise_map if model.use_noise_map else None)
   noise = model.apply(params, condition, rng, temperature, method=NoiseVAE.sample)
