@@ -7,6 +7,11 @@ Run by hand, never in CI (minutes per model on 2 CPU cores):
   python experiments/benchmark.py --models redcnn --lowering xla,im2col,rows,taps
   python experiments/benchmark.py --models dncnn --devices 1,2,4
 
+The first line of the output (and the JSON's ``backend``, ``jax_devices``
+and ``device_kind``; each measurement's own ``backend`` and ``jax_devices``)
+says which JAX backend and devices the numbers come from. GPU install:
+``pip install -e ".[cuda]"`` (README).
+
 Per model (RED-CNN paper size, DnCNN 17x64 with BN, U-Net 32 wide depth 4,
 CPCE-3D on 9-slice slabs) it prints: the time of one train step of the
 project's real ``supervised.make_train_step`` (batch 16 of 64^2 patches, Adam,
@@ -149,6 +154,8 @@ def run_jax(name: str, lowering: str, repeats: int, inference: bool,
   jax.clear_caches()
   compiled, cached = _compile_seconds(step, state, batch, rng)
   result = {"model": name, "lowering": lowering, "devices": devices,
+            "backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()],
             "params": params, "compile_cold_s": cold,
             "compile_cached_s": cached, **_cost(compiled)}
 
@@ -351,10 +358,17 @@ def _worker(args) -> None:
   print("RESULT " + json.dumps(result), flush=True)
 
 
+# XLA_PYTHON_CLIENT_PREALLOCATE as the user set it (None: unset); main()
+# turns preallocation off for its own process only.
+_USER_PREALLOCATE = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
+
+
 def _spawn(args, kind: str, model: str, lowering: str = "auto",
            devices: int = 1, inference: bool = True) -> dict:
   """Runs one measurement in a fresh interpreter; returns its result dict."""
   env = dict(os.environ)
+  if _USER_PREALLOCATE is None:
+    env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
   if devices > 1:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={devices}")
@@ -413,14 +427,23 @@ def main() -> None:
     parser.error(f"unknown models {sorted(unknown)}; known: {MODELS}")
   lowerings = [low for low in args.lowering.split(",") if low]
 
+  # On a GPU, JAX would otherwise reserve 75% of its memory for this process
+  # (which only times the matmul peak) and starve the measured workers.
+  if _USER_PREALLOCATE is None:
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   import jax
+  jax_devices = jax.devices()
   report = {"jax_version": jax.__version__, "backend": jax.default_backend(),
-            "cpus": os.cpu_count(), "load_start": _load(),
-            "matmul_peak_gflop_s": jax_matmul_peak(), "jax": [], "torch": [],
-            "devices": []}
-  peak = report["matmul_peak_gflop_s"]
-  print(f"JAX {jax.__version__} on {jax.default_backend()}, "
-        f"{os.cpu_count()} CPUs, load {report['load_start']:.2f}; "
+            "jax_devices": [str(d) for d in jax_devices],
+            "device_kind": jax_devices[0].device_kind,
+            "cpus": os.cpu_count(), "load_start": _load(), "jax": [],
+            "torch": [], "devices": []}
+  # First line of the output: what every number below ran on.
+  print(f"JAX {jax.__version__}, backend {report['backend']}, "
+        f"{len(jax_devices)} device(s) of kind {report['device_kind']!r}: "
+        f"{', '.join(report['jax_devices'])}", flush=True)
+  peak = report["matmul_peak_gflop_s"] = jax_matmul_peak()
+  print(f"{os.cpu_count()} CPUs, load {report['load_start']:.2f}; "
         f"float32 matmul peak {peak:.1f} GFLOP/s (4096^2)")
   header = (f"{'model':<8} {'lowering':<8} {'params':>9} {'step s':>7} "
             f"{'img/s':>6} {'GF/step':>8} {'GF/s':>6} {'%peak':>5} "
