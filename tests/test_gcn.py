@@ -2,7 +2,7 @@
 
 Also: translation equivariance in the interior, residual output, gradients,
 jit, chunking invariance and the parameter counts of GCNDenoiser and its
-LocalCNN control. Shapes are tiny so the file runs in about a minute.
+LocalCNN control, derived layer by layer from the architecture. Shapes are tiny so the file runs in about a minute.
 """
 import itertools
 import math
@@ -303,17 +303,63 @@ def test_gcn_denoiser_gradients_finite_and_reach_graph_conv():
   assert float(jnp.abs(grad_v["params"]["block0"]["beta"])) > 0
 
 
-def test_default_parameter_counts_gcn_vs_local_cnn():
-  x = jnp.zeros((1, 16, 16, 1))
+def _conv(kernel, cin, cout):
+  """Weights + biases of a conv (every Conv here has a bias)."""
+  return kernel * kernel * cin * cout + cout
+
+
+def _graph_conv_params(cin, cout, rank):
+  """GraphConv by hand: edge hidden layer (C_in -> C_in, bias), low-rank head
+  (C_in -> r (1 + C_in + C_out): kappa, b, a; bias), one temperature."""
+  head = rank * (1 + cin + cout)
+  return (cin * cin + cin) + (cin * head + head) + 1
+
+
+def _expected_gcn(features, blocks, rank, channels=1):
+  """conv_in, per block local 3x3 + GraphConv + alpha + beta, conv_out."""
+  block = _conv(3, features, features) + _graph_conv_params(features, features, rank) + 2
+  return _conv(3, channels, features) + blocks * block + _conv(3, features, channels)
+
+
+def _expected_local(features, blocks, hidden, channels=1):
+  """As _expected_gcn with the GraphConv replaced by conv3x3 (F -> M) + conv1x1 (M -> F)."""
+  block = (_conv(3, features, features) + _conv(3, features, hidden)
+           + _conv(1, hidden, features) + 2)
+  return _conv(3, channels, features) + blocks * block + _conv(3, features, channels)
+
+
+def _matching_width(features, rank):
+  """The path width M whose conv3x3 + conv1x1 is nearest the GraphConv's count."""
+  target = _graph_conv_params(features, features, rank)
+  return min(range(1, 10 * target),
+             key=lambda m: abs(_conv(3, features, m) + _conv(1, m, features) - target))
+
+
+@pytest.mark.parametrize("features,blocks,rank,channels", [(32, 3, 11, 1), (16, 2, 11, 1),
+                                                           (5, 2, 3, 2)])
+def test_parameter_counts_gcn_vs_local_cnn(features, blocks, rank, channels):
+  # Counted by arithmetic from the architecture, not from the module's own
+  # helpers; (32, 3, 11) is the module default, (16, 2, 11) TDDL's.
+  x = jnp.zeros((1, 16, 16, channels))
   shapes = lambda m: jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
-  n_gcn = _param_count(shapes(gcn.GCNDenoiser()))
-  n_local = _param_count(shapes(gcn.LocalCNN()))
-  # Numbers stated in the module docstring.
-  assert (n_gcn, n_local) == (102_315, 102_606)
-  assert abs(n_local - n_gcn) / n_gcn < 0.10
-  assert gcn.local_path_width(32) == 77
-  graph = shapes(gcn.GCNDenoiser())["params"]["block0"]["graph"]
-  assert _param_count(graph) == gcn.graph_conv_param_count(32, 32, 11)
+  net = gcn.GCNDenoiser(features=features, num_blocks=blocks, rank=rank)
+  local = gcn.LocalCNN(features=features, num_blocks=blocks, rank=rank)
+  hidden = _matching_width(features, rank)
+  assert gcn.local_path_width(features, rank) == hidden
+  n_gcn, n_local = _param_count(shapes(net)), _param_count(shapes(local))
+  assert n_gcn == _expected_gcn(features, blocks, rank, channels)
+  assert n_local == _expected_local(features, blocks, hidden, channels)
+  graph = shapes(net)["params"]["block0"]["graph"]
+  assert _param_count(graph) == _graph_conv_params(features, features, rank)
+  assert gcn.graph_conv_param_count(features, features, rank) == _param_count(graph)
+  if (features, blocks, rank) == (32, 3, 11):
+    # The figures docs/gcn.md states.
+    assert (n_gcn, n_local, hidden, _param_count(graph)) == (102_315, 102_606, 77, 24_652)
+  elif (features, blocks, rank) == (16, 2, 11):
+    assert (n_gcn, n_local) == (17_837, 17_861)  # README's ablation table
+  # Equal size within 0.3% at the sizes compared in the ablation.
+  if features >= 16:
+    assert abs(n_local - n_gcn) / n_gcn < 0.003
 
 
 def test_local_cnn_shape_and_residual():

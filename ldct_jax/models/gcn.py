@@ -3,79 +3,18 @@
 Chen et al. ("Low-Dose CT Image Blind Denoising with Graph Convolutional
 Networks") build on GCDN (Valsesia et al., IEEE TIP 2020): each block adds to
 a local 3x3 convolution a NON-LOCAL graph convolution over a k-nearest-
-neighbour graph computed from the block's own input features.
+neighbour graph computed from the block's own input features, so that a
+pixel can average with similar pixels anywhere in a search window, not only
+with its neighbours. ``knn_graph`` builds the graph (not differentiated: the
+choice of neighbours is discrete), ``GraphConv`` is GCDN's lightweight
+edge-conditioned convolution, ``GCNDenoiser`` the residual network, and
+``LocalCNN`` the ablation control that makes every graph convolution local at
+equal depth and parameter count, to test whether the non-local part helps.
 
-Graph (``knn_graph``). For every pixel i, candidates are the pixels j of the
-``search_window x search_window`` window centred on i, minus the local
-``(2 * exclude_radius + 1)^2`` patch (i itself and its 3x3 neighbours, which
-the local conv already sees) and minus pixels outside the image. The k
-candidates of smallest squared Euclidean feature distance ``|F_j - F_i|^2``
-are kept. The graph is rebuilt from the features at every forward pass, but
-not differentiated: which neighbours are chosen is a discrete decision
-(``top_k``), so the search runs on ``stop_gradient(features)``. Gradients
-still reach the features through the edge labels and edge weights, which
-``GraphConv`` recomputes from the chosen neighbours.
-
-Edge-conditioned convolution (``GraphConv``), the lightweight ECC of GCDN:
-
-  d_ij   = F_j - F_i                              (edge label, C_in values)
-  z_ij   = leaky_relu(W_h d_ij + c_h)              (hidden layer, C_in units)
-  [kappa, a_1..a_r, b_1..b_r] = W_o z_ij + c_o     (r + r C_out + r C_in)
-  Theta_ij = sum_r kappa_r a_r b_r^T               (C_out x C_in, rank <= r)
-  w_ij   = softmax_j(-|d_ij|^2 / (C_in * T))       (over the k neighbours)
-  out_i  = s * sum_j w_ij Theta_ij F_j,  s = 1 / sqrt(r * C_in)
-
-Choices where the papers leave room, and why:
-  * Edge labels are GCDN's raw differences (``label_scale='absolute'``),
-    although in CT units they are tiny: in the default normalisation
-    (1 HU = 1/4096) a trained TDDL GCN's neighbours differ by |d|^2 / C_in
-    ~ 2e-7..5e-4, so its softmax is uniform to four decimals (normalised
-    entropy 1.0000) and its edge network sees near-zero labels (Theta nearly
-    static): the layer averages its k most similar non-local pixels through
-    one learnt low-rank kernel. Making the labels scale-free did not help
-    (``GraphConv.label_scale``, measured there).
-  * Softmax weights with a learnt temperature T (``log_temperature``, T = 1 at
-    init) instead of GCDN's fixed ``exp(-d / delta)`` cut-off: the feature
-    scale changes during training, so a fixed delta would need retuning.
-    Distances are divided by C_in so that T = 1 suits any width. The softmax
-    sums to one, which replaces GCDN's division by the neighbour count.
-  * The head bias ``c_o`` starts from N(0, 1), not zero: with a zero bias an
-    edge whose label is zero (a perfect match, the most useful neighbour)
-    would get Theta = 0 at initialisation. The bias acts as a shared static
-    low-rank kernel that the edge-dependent part modulates.
-  * ``s = 1 / sqrt(r * C_in)`` makes Theta F_j of the order of F_j when
-    a, b and kappa are O(1), as LeCun initialisation does for a static kernel.
-  * No bias in ``GraphConv``: the local conv it is fused with has one.
-  * Neighbour counts: the paper's "16 (+8)" is read as 16 non-local
-    neighbours plus the 8 local ones, which here are the local 3x3 conv's
-    taps; ``k`` counts only the non-local ones.
-  * Fusion (``GCNBlock``): ``relu(alpha * local + beta * nonlocal)`` with
-    trainable scalars alpha = beta = 0.5 at init, i.e. GCDN's average at
-    initialisation and free to reweight afterwards.
-  * No batch norm: the net is shallow (5 stages), predicts the noise
-    residual, and trains on small patch batches whose statistics differ from
-    whole-slice inference, the train/eval mismatch BN would bring in; the
-    paper does not require it.
-
-Memory. ``knn_graph`` computes candidate distances in chunks of image rows
-(``lax.map``), each chunk by a scan over the window's row offsets, so the
-largest buffer is ``B * rows * W * search_window^2`` distances; ``GraphConv``
-evaluates its per-edge network in row chunks too, each chunk rematerialised
-(``jax.checkpoint``) in the backward pass, so per-edge activations never
-exist for the whole image. ``chunk_rows=None`` picks the rows from byte
-budgets (``KNN_CHUNK_BYTES``, ``EDGE_CHUNK_BYTES``).
-
-Cost, measured on 2 shared CPU cores (XLA CPU, float32): one jitted
-forward+backward of the default config on 16x64x64x1 takes ~12 s (LocalCNN:
-~1.4 s; equal parameters, but the edge network runs once per edge, k times
-per pixel), 1.2 GB of XLA temporaries. Paper size (k 16, window 49) on one
-512x512 slice: ``knn_graph`` at 32 channels 26 s and 193 MB temporaries;
-GCNDenoiser inference 103 s, 826 MB temporaries, 1.7 GB peak RSS; a train
-step on it needs 2.65 GB of temporaries, on 16x64x64 1.43 GB.
-
-Parameter counts for the default config (features 32, 3 blocks, rank 11, one
-input channel): ``GCNDenoiser`` 102,315 (each ``GraphConv`` 24,652);
-``LocalCNN`` 102,606 (local path width 77), +0.28 %.
+Both the graph search and the per-edge network run in chunks of image rows
+(rematerialised in the backward pass), so whole 512x512 slices fit in memory.
+The formulas, the choices made where the papers leave room, and the measured
+cost, parameter counts and variants are in docs/gcn.md.
 """
 from __future__ import annotations
 
@@ -257,7 +196,7 @@ def graph_conv_param_count(in_features: int, features: int, rank: int) -> int:
 
 def _edge_conv_rows(params: Tuple[Array, ...], flat: Array, center: Array,
                     indices: Array, rank: int, label_scale: str) -> Array:
-  """Edge-conditioned aggregation for a band of rows (see module docstring).
+  """Edge-conditioned aggregation for a band of rows (see ``GraphConv``).
 
   Args:
     params: ``(hidden_kernel, hidden_bias, head_kernel, head_bias,
@@ -337,7 +276,12 @@ def box_average(features: Array, radius: int) -> Array:
 class GraphConv(nn.Module):
   """Non-local lightweight edge-conditioned graph convolution (GCDN ECC).
 
-  See the module docstring for the formula and the design choices.
+  Per pixel i and neighbour j (docs/gcn.md has the design choices):
+  ``d_ij = F_j - F_i``; ``z_ij = leaky_relu(W_h d_ij + c_h)``; ``[kappa,
+  a_1..a_r, b_1..b_r] = W_o z_ij + c_o``; ``Theta_ij = sum_r kappa_r a_r
+  b_r^T`` (C_out x C_in, rank <= r); ``w_ij = softmax_j(-|d_ij|^2 / (C_in
+  T))`` over the k neighbours, T learnt; ``out_i = sum_j w_ij Theta_ij F_j /
+  sqrt(r C_in)``.
 
   Attributes:
     features: output channels C_out.
@@ -350,9 +294,7 @@ class GraphConv(nn.Module):
       by patch similarity as non-local means does: on noisy inputs the
       distance of single-pixel features is dominated by the noise.
       Parameter-free; the edge labels stay the pixels' own differences.
-      Measured with the TDDL default GCN on true pairs (1000 steps): 1
-      gave test abdomen/lung PSNR 36.41/44.64 dB against 36.49/44.62 for
-      0, no gain at that size.
+      1 gave no gain over 0 with the TDDL default GCN (docs/gcn.md).
     chunk_rows: image rows per chunk for the graph search and the edge
       network; None picks them from ``KNN_CHUNK_BYTES``/``EDGE_CHUNK_BYTES``.
       Results do not depend on it.
@@ -363,12 +305,8 @@ class GraphConv(nn.Module):
       differentiated) for both the softmax and the edge network, i.e. local
       scaling (self-tuning spectral clustering, Zelnik-Manor & Perona 2004),
       which makes the layer independent of the feature scale.
-      ``'local_weights'``: the softmax only. Measured with the TDDL default
-      GCN on true pairs (1000 steps; test abdomen / lung PSNR, RMSE HU):
-      absolute 36.49 / 44.62 / 9.40 (seed 1: 36.47); local 34.98 / 42.69 /
-      11.66 (seed 1: 35.70), worse (likely because in flat regions the
-      scaled labels, hence Theta, are unit-size noise); local_weights 36.41 /
-      44.63 / 9.46, no gain (its learnt temperature stayed within 10% of 1).
+      ``'local_weights'``: the softmax only. Neither beat ``'absolute'``
+      with the TDDL default GCN (docs/gcn.md).
   """
 
   features: int
@@ -501,10 +439,7 @@ class GCNDenoiser(nn.Module):
     identity_init: the noise-predicting conv starts at zero, so the untrained
       net is the identity. With LeCun init the random noise estimate makes
       the net start worse than its input, and some seeds spent most of a
-      short schedule undoing it: true pairs, 1000 steps, training seed 2,
-      test abdomen PSNR 34.93 (GCN) and 34.99 dB (LocalCNN) against 36.5 and
-      36.4-36.8 for seeds 0/1; with identity_init LocalCNN's seed 2 scored
-      36.77.
+      short schedule undoing it (docs/gcn.md).
   """
 
   features: int = 32
@@ -597,8 +532,8 @@ class LocalCNN(nn.Module):
 
   Same layers, widths, fusion and residual output as ``GCNDenoiser``; each
   GraphConv becomes the local path of ``LocalBlock``, whose width is chosen
-  to match the GraphConv's parameter count (default config: 102,606 against
-  102,315 parameters).
+  to match the GraphConv's parameter count (within 0.3% at the default and
+  the TDDL sizes; docs/gcn.md).
 
   Attributes:
     features: channels of every hidden layer.
