@@ -10,16 +10,21 @@ same depth and parameter count, ``models.gcn.LocalCNN``; RED-CNN) trained on
 plus (d) BM3D/NLM and (e) the LDCT input, and the noise-fidelity numbers of
 each noise source against the real LDCT noise.
 
-  python experiments/tddl_ablation.py --workdir=runs/tddl_ablation
-  python experiments/tddl_ablation.py --workdir=runs/tddl_ablation --denoisers=gcn --steps=300
+  python experiments/tddl_ablation.py                      # -> runs/tddl_ablation
+  python experiments/tddl_ablation.py --denoisers=gcn --steps=300
   python experiments/tddl_ablation.py --denoisers=gcn,gcn_local --arms=a_true_pairs,b_tddl_vae
   python experiments/tddl_ablation.py --variant=paper --denoisers=gcn,gcn_local   # GPU
+                                                           # -> runs/tddl_ablation_paper
 
 Every arm is an ordinary run of ``ldct_jax.run.train_and_evaluate`` in its own
 sub-workdir, so a killed ablation resumes where it stopped, and each arm's
-logs, checkpoints and panels stay inspectable. The b arms of the different
-denoisers need the same noise VAE: it is trained once and copied into the
-later arms (``tddl.noise_model_fingerprint``).
+logs, checkpoints and panels stay inspectable. Each variant has its own
+default workdir (``default_workdir``), and an arm workdir whose saved config
+has other model shapes (e.g. the CPU-size GCN's, given ``--variant=paper``
+and the CPU run's ``--workdir``) is refused before anything is written to it
+(``run.check_resume_compatible``). The b arms of the different denoisers need
+the same noise VAE: it is trained once and copied into the later arms
+(``tddl.noise_model_fingerprint``).
 """
 from __future__ import annotations
 
@@ -93,6 +98,26 @@ def share_noise_model(config, workdir: str, finished: dict) -> None:
     print(f"noise model: reusing the identical finished stage {source}", flush=True)
 
 
+def default_workdir(variant: str = "") -> str:
+  """``runs/tddl_ablation`` for the default (CPU) sizes, ``runs/tddl_ablation_<variant>`` else.
+
+  Variants train models of other shapes: sharing a workdir would make the
+  second resume the first's checkpoints.
+  """
+  return "runs/tddl_ablation" + (f"_{variant}" if variant else "")
+
+
+def prepare_arm(config, workdir: str, finished: dict) -> None:
+  """Refuses a workdir trained with other model shapes, then shares a finished noise VAE.
+
+  The check runs before ``share_noise_model`` writes anything into the
+  workdir (``run.train_and_evaluate`` repeats it when it prepares the
+  workdir).
+  """
+  run.check_resume_compatible(config, workdir)
+  share_noise_model(config, workdir, finished)
+
+
 def remember_noise_model(config, workdir: str, finished: dict) -> None:
   stage_dir = os.path.join(workdir, "checkpoints", "noise_model")
   if _trains_vae(config) and os.path.exists(os.path.join(stage_dir, "COMPLETED")):
@@ -126,9 +151,11 @@ def noise_table(results: dict) -> str:
   return "(no TDDL arm run)"
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", default="runs/tddl_ablation")
+  parser.add_argument("--workdir", default="",
+                      help="root of the arms' workdirs (default: default_workdir(variant), "
+                           "runs/tddl_ablation or runs/tddl_ablation_<variant>)")
   parser.add_argument("--denoisers", default=",".join(DENOISERS))
   parser.add_argument("--arms", default=",".join(ARMS))
   parser.add_argument("--steps", type=int, default=0, help="denoiser steps (0: config default)")
@@ -140,6 +167,12 @@ def main(argv=None):
                       help="train nothing: read each arm's eval/metrics.json (e.g. after "
                            "running groups of arms in parallel processes)")
   args = parser.parse_args(argv)
+  args.workdir = args.workdir or default_workdir(args.variant)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   results, windows, missing, noise_models = {}, None, [], {}
   for denoiser in args.denoisers.split(","):
     for arm in args.arms.split(","):
@@ -157,7 +190,7 @@ def main(argv=None):
           report = json.load(f)
       else:
         print(f"\n=== {denoiser} / {arm} -> {workdir}", flush=True)
-        share_noise_model(config, workdir, noise_models)
+        prepare_arm(config, workdir, noise_models)
         # Resumes an interrupted arm; a finished one is only re-evaluated.
         report = run.train_and_evaluate(config, workdir)
         remember_noise_model(config, workdir, noise_models)

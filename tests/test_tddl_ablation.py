@@ -1,4 +1,8 @@
-"""The ablation trains the noise VAE once and shares it between denoisers' b arms."""
+"""The ablation trains the noise VAE once and shares it between denoisers' b arms.
+
+Also: each variant has its own default workdir, and an arm workdir trained
+at other model shapes is refused before anything is written into it.
+"""
 import json
 import os
 import sys
@@ -70,3 +74,31 @@ def test_paper_variant_sizes_the_gcn_and_its_control_alike():
       (32, 3, 16, 49)
   assert (local.model.name, local.model.features, local.model.num_blocks) == ("gcn_local", 32, 3)
   assert local.data.patch_size == gcn.data.patch_size == 64
+
+
+def test_each_variant_has_its_own_default_workdir():
+  default = tddl_ablation.parse_args([]).workdir
+  paper = tddl_ablation.parse_args(["--variant=paper"]).workdir
+  assert default == "runs/tddl_ablation" and paper == "runs/tddl_ablation_paper"
+  assert tddl_ablation.parse_args(["--variant=paper", "--workdir=/x"]).workdir == "/x"
+
+
+def test_arm_workdir_of_other_model_shapes_is_refused_before_sharing(tmp_path):
+  # The CPU ablation's gcn/b arm, then --variant=paper pointed at the same
+  # workdir: the paper-size GCN and VAE must not resume CPU-size checkpoints.
+  cpu = tddl_ablation.arm_config("b_tddl_vae", "gcn", 0, "")
+  workdir = tmp_path / "gcn_b_tddl_vae"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(cpu.to_json_best_effort(indent=2, sort_keys=True))
+  paper = tddl_ablation.arm_config("b_tddl_vae", "gcn", 0, "", variant="paper")
+  source = tmp_path / "finished" / "checkpoints" / "noise_model"
+  source.mkdir(parents=True)
+  finished = {tddl.noise_model_fingerprint(paper): str(source)}
+  with pytest.raises(ValueError, match=r"model\.features") as refused:
+    tddl_ablation.prepare_arm(paper, str(workdir), finished)
+  assert "tddl.vae.model.features" in str(refused.value)
+  assert not (workdir / "checkpoints").exists()  # nothing was shared into it
+  # The same variant resumes (more steps change no shape), and gets the VAE.
+  cpu.train.num_steps = 5
+  tddl_ablation.prepare_arm(cpu, str(workdir), {tddl.noise_model_fingerprint(cpu): str(source)})
+  assert (workdir / "checkpoints" / "noise_model").is_dir()
