@@ -41,7 +41,10 @@ class MetricWriter:
     self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
     if tensorboard:
       from tensorboardX import SummaryWriter  # deferred: heavy import
-      self._tb = SummaryWriter(logdir=logdir)
+      # tensorboardX names the file by the second and host only: a resumed run
+      # started within the same second would overwrite the earlier file.
+      self._tb = SummaryWriter(logdir=logdir,
+                               filename_suffix=f".{os.getpid()}.{time.time_ns()}")
 
   def write(self, step: int, scalars: Mapping[str, float], *, stage: str = "",
             stage_step: Optional[int] = None,
