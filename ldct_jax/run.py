@@ -141,7 +141,8 @@ def denoise_series(config, workdir: str, input_dir: str, output_dir: str, *,
 
   The series must be what the model was trained on: CT, grayscale
   (MONOCHROME2, or MONOCHROME1), HU through RescaleSlope/Intercept
-  (``dicom.check_ct_series``).
+  (``dicom.check_ct_series``). On several processes only process 0 denoises
+  and writes (the others return ``[]``).
   """
   _require_trained(workdir)
   enable_compilation_cache(workdir)
@@ -150,8 +151,11 @@ def denoise_series(config, workdir: str, input_dir: str, output_dir: str, *,
   series = dicom.read_series(src)
   dicom.check_ct_series(series)
   method = build_method(config, None)
+  # Every process restores (a collective read); one series is one process's job.
   states, step = restore_all_stages(config, workdir, method, checkpoint)
-  state = states[method.denoiser_stage.name]
+  if jax.process_index() != 0:
+    return []
+  state = evaluation.process_local(states[method.denoiser_stage.name])
   normalization = Normalization.from_config(config.data.normalization)
   denoised = evaluation.denoise_volume(
       method.denoiser(state), series.hu, normalization, slab=method.input_slab,
