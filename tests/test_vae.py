@@ -386,7 +386,8 @@ def test_everything_in_hu_is_the_same_under_another_normalization():
         noise=np.asarray(noise) * norm.scale,
         structure=np.asarray(norm.denormalize(structure)),
         std=np.asarray(vae.estimate_noise_std(x, norm)) * norm.scale,
-        flat=np.asarray(vae.flat_weight(structure, 40.0, normalization=norm)),
+        flat=np.asarray(jax.jit(functools.partial(vae.flat_weight, edge_hu=40.0,
+                                                  normalization=norm))(structure)),
         batch={"noise": noise, "condition": structure})
   a, b = out[NORM], out[other]
   np.testing.assert_allclose(a["std"], b["std"], rtol=1e-4)
@@ -396,15 +397,15 @@ def test_everything_in_hu_is_the_same_under_another_normalization():
   assert 0.2 < a["flat"].mean() < 0.8
   assert np.mean(a["flat"] != b["flat"]) <= 1e-3
   models = {norm: vae.NoiseVAE(**{**TINY, "normalization": norm}) for norm in (NORM, other)}
-  params = models[NORM].init(jax.random.PRNGKey(0), a["batch"]["noise"],
-                             a["batch"]["condition"], jax.random.PRNGKey(1), train=True)
+  params = jax.jit(functools.partial(models[NORM].init, train=True))(
+      jax.random.PRNGKey(0), a["batch"]["noise"], a["batch"]["condition"], jax.random.PRNGKey(1))
   samples, metrics_ = {}, {}
   for norm, model in models.items():
-    draw = model.apply(params, out[norm]["batch"]["condition"], jax.random.PRNGKey(2),
-                       method=vae.NoiseVAE.sample)
+    draw = jax.jit(functools.partial(model.apply, method=vae.NoiseVAE.sample))(
+        params, out[norm]["batch"]["condition"], jax.random.PRNGKey(2))
     samples[norm] = np.asarray(draw) * norm.scale
-    metrics_[norm] = vae.elbo_loss(params, out[norm]["batch"], jax.random.PRNGKey(3), 1.0,
-                                   model=model)[1]
+    metrics_[norm] = jax.jit(functools.partial(vae.elbo_loss, model=model))(
+        params, out[norm]["batch"], jax.random.PRNGKey(3), 1.0)[1]
   assert 5.0 < samples[NORM].std() < 100.0
   np.testing.assert_allclose(samples[NORM], samples[other], rtol=1e-4, atol=0.01)
   for key in ("recon_rmse_hu", "sigma_hu", "kl"):
