@@ -1,8 +1,15 @@
 r"""U-Net with residual output, supervised LDCT -> NDCT.
 
-Default (2-core CPU, built-in data):
+Default (2-core CPU, built-in data; 16 base channels, depth 3, 64^2 patches, 1500 steps):
   python -m ldct_jax.main --config=configs/unet.py --workdir=runs/unet
-Variant ':paper' widens it (32 base channels, depth 4) for GPU training.
+Expected (measured 2026-12-01, held-out test patients SIM007/SIM008, data range 1):
+abdomen window [-160, 240] HU 33.56 -> 36.51 dB (SSIM 0.935 -> 0.956), lung
+[-1350, 150] HU 41.30 -> 44.87 dB (SSIM 0.943 -> 0.977), RMSE 13.66 -> 9.10 HU,
+within 0.2 dB of the default RED-CNN; 6 min wall clock (0.22 s/step, dataset
+cached). README has the table.
+
+Variant ':paper' widens it (32 base channels, depth 4, 50k steps) for GPU
+training; not run.
 """
 from ldct_jax.config import base_config
 
