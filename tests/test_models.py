@@ -81,7 +81,7 @@ def test_redcnn_rejects_too_small_images():
 
 
 def test_dncnn_zero_last_layer_is_identity():
-  model = DnCNN(depth=4, features=4, conv_lowering="matmul")
+  model = DnCNN(depth=4, features=4, conv_lowering="matmul", identity_init=False)
   x = _images()
   variables = model.init(jax.random.PRNGKey(0), x)
   params = dict(variables["params"])
@@ -90,6 +90,16 @@ def test_dncnn_zero_last_layer_is_identity():
   np.testing.assert_array_equal(out, x)
   # And with the trained-looking (random) last layer it is not the identity.
   assert not np.allclose(model.apply(variables, x), x)
+
+
+def test_dncnn_starts_as_the_identity_by_default():
+  """identity_init (the default) zero-initialises only the noise head."""
+  x = _images()
+  variables = DnCNN(depth=4, features=4, conv_lowering="matmul").init(jax.random.PRNGKey(0), x)
+  np.testing.assert_array_equal(variables["params"]["conv_out"]["kernel"], 0.0)
+  assert np.all(np.abs(variables["params"]["conv1"]["kernel"]) > 0)  # the rest is random
+  np.testing.assert_array_equal(
+      DnCNN(depth=4, features=4, conv_lowering="matmul").apply(variables, x), x)
 
 
 def test_dncnn_dilation_schedule():
@@ -103,7 +113,7 @@ def test_dncnn_dilated_receptive_field():
   x = jnp.zeros((1, 33, 33, 1)).at[0, 16, 16, 0].set(1.0)
   for dilated, reach in ((False, 1 + 1 + 1), (True, 1 + 2 + 3)):
     model = DnCNN(depth=3, features=2, use_bn=False, dilated=dilated,
-                  conv_lowering="matmul")
+                  conv_lowering="matmul", identity_init=False)
     variables = model.init(jax.random.PRNGKey(0), x)
     # Positive kernels and zero biases: every pixel the impulse can reach
     # through the ReLUs is non-zero, every other pixel is exactly zero.
@@ -116,7 +126,7 @@ def test_dncnn_dilated_receptive_field():
 
 
 def test_dncnn_batch_norm_train_vs_eval():
-  model = DnCNN(depth=3, features=4, conv_lowering="matmul")
+  model = DnCNN(depth=3, features=4, conv_lowering="matmul", identity_init=False)
   x = _images(seed=1) * 3.0 + 1.0
   variables = model.init(jax.random.PRNGKey(0), x)
   stats = variables["batch_stats"]["bn1"]
@@ -174,8 +184,8 @@ def test_unet_rejects_sizes_not_divisible():
 MODELS = {
     "redcnn": (REDCNN, dict(features=3, kernel_size=3, num_layers=3),
                (2, 16, 16, 1)),
-    "dncnn": (DnCNN, dict(depth=4, features=3), (2, 12, 12, 1)),
-    "dncnn_dilated": (DnCNN, dict(depth=5, features=3, dilated=True),
+    "dncnn": (DnCNN, dict(depth=4, features=3, identity_init=False), (2, 12, 12, 1)),
+    "dncnn_dilated": (DnCNN, dict(depth=5, features=3, dilated=True, identity_init=False),
                       (2, 12, 12, 1)),
     "unet": (UNet, dict(features=2, depth=2), (2, 8, 8, 1)),
 }

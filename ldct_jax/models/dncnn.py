@@ -44,6 +44,11 @@ class DnCNN(nn.Module):
     bn_momentum: running-average decay of the batch statistics (Flax
       convention; PyTorch's momentum 0.1 is 0.9 here).
     bn_epsilon: batch-norm variance epsilon.
+    identity_init: the noise-predicting last conv starts at zero, so the
+      untrained net is the identity (as ``gcn.GCNDenoiser``'s). With LeCun
+      init the random noise estimate makes the net start worse than its
+      input: the 1500-step CPU default then ended 0.97 dB BELOW its LDCT
+      input, and 3.09 dB above it with this init (README).
   """
 
   depth: int = 17
@@ -53,6 +58,7 @@ class DnCNN(nn.Module):
   conv_lowering: str = "auto"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  identity_init: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -81,6 +87,7 @@ class DnCNN(nn.Module):
                          momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                          name=f"bn{layer}")(h)
       h = nn.relu(h)
-    noise = Conv(x.shape[-1], (3, 3), kernel_dilation=dilations[-1],
+    out_init = nn.initializers.zeros_init() if self.identity_init else nn.initializers.lecun_normal()
+    noise = Conv(x.shape[-1], (3, 3), kernel_dilation=dilations[-1], kernel_init=out_init,
                  lowering=self.conv_lowering, name="conv_out")(h)
     return x - noise
