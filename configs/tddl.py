@@ -1,15 +1,15 @@
 r"""TDDL (Chen et al., ISICDM 2020): VAE-learnt LDCT noise -> pseudo pairs -> GCN denoiser.
 
-The main job. Default (built-in data, 2-core CPU, about 15 min):
+The main job. Default (built-in data, 2-core CPU, about 7 min):
   python -m ldct_jax.main --config=configs/tddl.py
 Stages: noise VAE on the LDCT of half the training patients (LDCT only), then
 a GCN denoiser (Chen et al., ICONIP 2020) on pseudo-LDCT made online from the
 NDCT of the other half, then evaluation on true test pairs plus a noise
 fidelity report (synthetic vs real LDCT noise, with Gaussian/Poisson baselines).
-Measured (2026-11-21, test patients SIM007/SIM008, data range 1): abdomen window
-[-160, 240] HU 33.56 -> 36.80 dB, lung 41.30 -> 44.86 dB, RMSE 13.66 -> 9.10 HU,
-in ~15 min; `experiments/tddl_ablation.py` compares noise sources and denoisers
-(README).
+Measured (2026-12-01, this command in a fresh clone; test patients SIM007/SIM008,
+data range 1): abdomen window [-160, 240] HU 33.56 -> 36.67 dB, lung 41.30 ->
+44.79 dB, RMSE 13.66 -> 9.18 HU, in 7:10 (dataset cached);
+`experiments/tddl_ablation.py` compares noise sources and denoisers (README).
 
 Variants:
   :paper     paper-scale GCN (32 ch, 3 blocks, 16 neighbours, 49x49 search) and
