@@ -17,6 +17,17 @@ Variants:
   :redcnn    the same pipeline with a RED-CNN denoiser.
   :gaussian / :poisson   the baselines TDDL argues against (no VAE stage).
   :paired    noise and NDCT patients are the same (ablation).
+  :site      a site's own scanner, no pairs: the VAE learns the noise of the
+             low-dose series under data.noise_root (Mayo or TCIA tree, or a
+             folder of series; full-dose series there are never read), the
+             denoiser trains on data.root's NDCT (built-in by default) plus that
+             noise, and the last checkpoint is kept (no site pairs to select by):
+               python -m ldct_jax.main --config=configs/tddl.py:site \
+                   --config.data.noise_root=/data/my_ldct
+               python -m ldct_jax.main --workdir=<printed workdir> --mode=denoise \
+                   --input=/data/my_ldct/<series> --output=/data/denoised/<series>
+             tddl.noise_gain (0.866 = a quarter-dose LDCT over a full-dose
+             NDCT) should be sqrt(1 - LDCT dose / NDCT dose) of the protocols.
 """
 import ml_collections
 
@@ -31,6 +42,7 @@ def get_config(variant: str = ""):
   tddl.noise_fraction = 0.5    # share of training patients whose LDCT teaches the noise
   tddl.paired = False          # True: the same patients give LDCT and NDCT (ablation)
   tddl.noise_std_hu = 0.0      # baselines' noise std; 0 = estimate from the noise patients' LDCT
+  tddl.site = False            # True (':site'): data.noise_root is required
   # The NDCT already carries full-dose noise, so the added noise is scaled by
   # sqrt(1 - dose_LD / dose_ND) (quarter dose: 0.866) to give LDCT-level noise
   # in total; it uses the protocol's dose ratio, not paired data.
@@ -86,7 +98,15 @@ def get_config(variant: str = ""):
     config.tddl.noise_source = variant
   elif variant == "paired":
     config.tddl.paired = True
+  elif variant == "site":
+    # "I have LDCT folders from my scanner and no pairs": the VAE learns the
+    # noise of every low-dose series under data.noise_root (required), the
+    # NDCT of every training patient of data.root (built-in by default) make
+    # the pseudo pairs. No pairs of the site exist, so no checkpoint is picked
+    # by another scanner's validation pairs: eval/denoise use the last one.
+    config.tddl.site = True
+    config.train.best_metric = ""
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of configs/tddl.py "
-                     "(known: paper, redcnn, gaussian, poisson, paired)")
+                     "(known: paper, redcnn, gaussian, poisson, paired, site)")
   return config

@@ -17,6 +17,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = data = ml_collections.ConfigDict()
   data.root = ""               # '' = built-in simulated dataset; else a Mayo or TCIA tree
   data.layout = "auto"         # 'auto' | 'mayo' | 'tcia'
+  # TDDL only: a tree of LOW-DOSE series (no full-dose partner needed; its
+  # full-dose series, if any, are never read) whose noise the VAE learns,
+  # while the NDCT comes from data.root. '' = the noise patients of data.root.
+  data.noise_root = ""
+  data.noise_layout = "auto"   # 'auto' | 'mayo' | 'tcia' | 'flat' (a folder of series)
   data.thickness = "1mm"       # Mayo: '1mm' or '3mm' series
   data.patients = ()           # restrict to these patient ids (empty = all)
   data.cache_dir = ""          # built-in dataset cache ('' = $LDCT_JAX_CACHE or ~/.cache/ldct_jax)

@@ -45,9 +45,11 @@ from flax.training import train_state
 from ldct_jax import models, noise_stats
 from ldct_jax.evaluation import make_validation_fn, spread_slices
 from ldct_jax.data.pipeline import Normalization, Volume, make_patch_dataset
+from ldct_jax.errors import InputError
 from ldct_jax.methods import MethodSpec, bind_denoiser, supervised
 from ldct_jax.models import vae as vae_lib
 from ldct_jax.physics import ct
+from ldct_jax.train.logging import log
 from ldct_jax.train.loop import Stage
 from ldct_jax.train.optim import make_optimizer
 from ldct_jax.windows import BODY_THRESHOLD_HU
@@ -190,27 +192,62 @@ def build(config, dataset) -> MethodSpec:
   map_keys = ("noise_map",) if use_map else ()
   denoise, inference_variables = supervised.make_inference(denoiser)
 
+  noise_root = str(config.data.get("noise_root", "") or "")
+  if cfg.get("site", False) and not noise_root:
+    raise InputError("configs/tddl.py:site learns the noise of your scanner's low-dose "
+                     "series: give their folder as --config.data.noise_root=/path/to/ldct")
+  if noise_root and cfg.paired:
+    raise InputError("tddl.paired=True takes noise and NDCT from the same patients; it "
+                     f"cannot be combined with data.noise_root={noise_root!r}")
   noise_ids = clean_ids = ()
-  if dataset is not None:
+  if dataset is not None and noise_root:
+    # The site workflow: every training patient of data.root gives NDCT;
+    # the noise patients are the series of the noise root (read lazily).
+    clean_ids = tuple(sorted(dataset.splits["train"]))
+  elif dataset is not None:
     noise_ids, clean_ids = partition_train_patients(dataset.splits["train"], cfg.noise_fraction,
                                                     cfg.paired)
+  loaded_noise_data = []
 
-  def volumes(patients, key, with_map=False):
-    """The training scans of ``patients``, keeping only the ``key`` images.
+  def noise_dataset():
+    """Where the noise patients' LDCT lives: ``data.noise_root`` (low-dose
+    series only; nothing else of that tree is read) or ``data.root``."""
+    if not noise_root:
+      return dataset
+    if not loaded_noise_data:
+      from ldct_jax.data import datasets  # deferred: datasets imports the DICOM stack
+      loaded = datasets.load_unpaired(noise_root, dose="low",
+                             layout=config.data.get("noise_layout", "auto"),
+                             thickness=config.data.get("thickness", "1mm"))
+      log(f"TDDL noise patients: {len(loaded.volumes)} low-dose scan(s) from {noise_root} "
+          f"({loaded.layout} layout)")
+      loaded_noise_data.append(loaded)
+    return loaded_noise_data[0]
+
+  def volumes(patients, key, with_map=False, source=None):
+    """The training scans of ``patients`` in ``source`` (default ``dataset``),
+    keeping only the ``key`` images.
 
     ``with_map`` adds each slice's ``noise_map`` (``fbp_noise_log_std`` of
-    the ``key`` image itself: LDCT for the noise patients, NDCT for the
-    clean ones; no other scan is used).
+    the ``key`` image itself, by reprojection with the scan's own pixel size:
+    LDCT for the noise patients, NDCT for the clean ones; no other scan is used).
     """
+    source = dataset if source is None else source
     wanted = set(patients)
     out = []
-    for v in dataset.split("train"):
-      if dataset.patient_of.get(v.patient_id, v.patient_id) in wanted:
+    for v in source.split("train"):
+      if source.patient_of.get(v.patient_id, v.patient_id) in wanted:
         arrays = {key: v.arrays[key]}
         if with_map:
-          arrays["noise_map"] = noise_map_of(v.arrays[key], in_plane_pixel_size(dataset, v.patient_id))
+          arrays["noise_map"] = noise_map_of(v.arrays[key], in_plane_pixel_size(source, v.patient_id))
         out.append(Volume(v.patient_id, arrays))
     return out
+
+  def noise_volumes(with_map=False):
+    """LDCT scans of the noise patients (all of ``data.noise_root`` when set)."""
+    source = noise_dataset()
+    ids = source.splits["train"] if noise_root else noise_ids
+    return volumes(ids, "ld", with_map, source=source)
 
   # ---- stage 1: the noise VAE on LDCT of the noise patients ----
   vae_steps = int(cfg.vae.num_steps)
@@ -250,7 +287,7 @@ def build(config, dataset) -> MethodSpec:
 
   def vae_data(previous):
     del previous
-    return make_patch_dataset(volumes(noise_ids, "ld", use_map), keys=("ld",) + map_keys,
+    return make_patch_dataset(noise_volumes(use_map), keys=("ld",) + map_keys,
                               raw_keys=map_keys, patch_size=patch,
                               batch_size=int(cfg.vae.batch_size), seed=config.seed,
                               normalization=normalization, augment=True,
@@ -265,7 +302,7 @@ def build(config, dataset) -> MethodSpec:
   noise_std_hu = float(cfg.get("noise_std_hu", 0.0))
   if source != "vae" and noise_std_hu <= 0 and dataset is not None:
     noise_std_hu = cfg.noise_gain * estimate_noise_level_hu(
-        volumes(noise_ids, "ld"), normalization, **extract)
+        noise_volumes(), normalization, **extract)
   add_noise = make_noise_fn(source, normalization, noise_std_hu, vae_model,
                             noise_gain=float(cfg.noise_gain), extract_kwargs=extract)
   loss_fn = supervised.make_loss_fn(config.loss)
@@ -301,7 +338,7 @@ def build(config, dataset) -> MethodSpec:
                               skip_air_fraction=config.data.skip_air_fraction)
 
   evaluate = None
-  if dataset is not None and dataset.splits.get("val"):
+  if dataset is not None and _paired(dataset.split("val")):
     evaluate = make_validation_fn(config, dataset.split("val"),
                                   bind_denoiser(denoise, inference_variables), normalization, slab)
   stages.append(Stage(name="denoiser", num_steps=config.train.num_steps, init_state=denoiser_init,
@@ -313,12 +350,17 @@ def build(config, dataset) -> MethodSpec:
     """Synthetic vs real LDCT noise on the test patients (and the two baselines)."""
     # The level the baseline arms train with (their noise_std_hu), also for
     # a VAE run, so that every report shows the same baseline rows.
+    split = "test" if dataset.splits.get("test") else config.eval.get("split", "test")
+    if not _paired(dataset.split(split)):
+      return {"skipped": f"no LDCT/NDCT pairs in the {split!r} split of {dataset.root}",
+              "markdown": "(no paired test scans: noise fidelity not measured)"}
     level_hu = noise_std_hu
     if level_hu <= 0:
-      level_hu = cfg.noise_gain * estimate_noise_level_hu(
-          volumes(noise_ids, "ld"), normalization, **extract)
+      level_hu = cfg.noise_gain * estimate_noise_level_hu(noise_volumes(), normalization,
+                                                         **extract)
     return noise_fidelity(states, dataset, add_noise, normalization, level_hu,
-                          int(config.eval.get("noise_max_slices", 8)), config.seed, use_map)
+                          int(config.eval.get("noise_max_slices", 8)), config.seed, use_map,
+                          split=split)
 
   description = (f"TDDL ({source} noise) + {config.model.name}"
                  f"{', paired' if cfg.paired else ''}")
@@ -327,9 +369,14 @@ def build(config, dataset) -> MethodSpec:
                     description=description, extra_reports={"noise_fidelity": noise_report})
 
 
+def _paired(volumes) -> bool:
+  """Whether ``volumes`` is non-empty and every scan has both LDCT and NDCT."""
+  return bool(volumes) and all({"ld", "nd"} <= set(v.arrays) for v in volumes)
+
+
 def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_slices, seed,
-                   use_map):
-  """Compares (pseudo-LDCT - NDCT) with (LDCT - NDCT) on test patients.
+                   use_map, split: str = "test"):
+  """Compares (pseudo-LDCT - NDCT) with (LDCT - NDCT) on the ``split`` patients.
 
   The reference is the NDCT: the real LDCT noise relative to it is LD - ND,
   and the synthetic noise is what stage 2 adds to an NDCT image. Gaussian and
@@ -346,7 +393,7 @@ def noise_fidelity(states, dataset, add_noise, normalization, noise_std_hu, max_
   different fields of view are pooled on common frequency bins in mm^-1
   (``noise_stats.radial_noise_nps``).
   """
-  volumes = dataset.split("test")
+  volumes = dataset.split(split)
   picks = [spread_slices(v.num_slices, max_slices) for v in volumes]
   nd = np.concatenate([v.arrays["nd"][pick] for v, pick in zip(volumes, picks)])
   ld = np.concatenate([v.arrays["ld"][pick] for v, pick in zip(volumes, picks)])
