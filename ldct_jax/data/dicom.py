@@ -900,3 +900,298 @@ def load_pair(pair: PatientPair) -> tuple:
     raise InputError(f"spacing differs: {low.files[0]} has {low.spacing} mm but "
                      f"{full.files[0]} has {full.spacing} mm")
   return low, full
+
+
+# ---------------------------------------------------------------- one dose
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesRef:
+  """One series of a single dose, found by ``find_series`` (not yet read).
+
+  Attributes:
+    patient_id: Mayo/TCIA patient folder name; in the flat layout the
+      PatientID of the series' first file, else its folder name.
+    study: TCIA study folder name; the series folder name in the flat
+      layout; ``''`` for Mayo.
+    folder: the series folder, for ``read_series``.
+    layout: ``'mayo'``, ``'tcia'`` or ``'flat'``.
+  """
+
+  patient_id: str
+  study: str
+  folder: pathlib.Path
+  layout: str
+
+
+class NoSeriesError(InputError):
+  """A readable tree with no series of the requested dose (or thickness).
+
+  Raised by ``find_series`` only when the tree itself is well formed, so a
+  caller can tell "this tree holds the other dose" from a broken tree.
+  """
+
+
+_DOSES = ("low", "full")
+_DOSE_WORDS = {"low": "low-dose", "full": "full-dose"}
+_MAYO_FOLDER = {"low": "quarter", "full": "full"}
+_MAYO_DOSE_DIR = re.compile(r"(full|quarter)_.+")
+_HEADER_TAGS = ["PatientID", "SeriesDescription", "SliceThickness", "Rows", "Columns"]
+
+
+def detect_layout(root) -> str:
+  """``'mayo'``, ``'tcia'`` or ``'flat'`` for a dataset root, tried in that order.
+
+  Mayo: some patient folder has ``full_*``/``quarter_*`` subfolders. TCIA:
+  some ``<patient>/<study>/<series>`` folder holds files. Flat: the root, or
+  one of its subfolders, holds files. Raises ``InputError`` naming the root
+  when it is missing, empty or matches none of them.
+  """
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise InputError(f"dataset root {root} does not exist or is not a folder")
+  if not any(not p.name.startswith(".") for p in root.iterdir()):
+    raise InputError(f"dataset root {root} is empty")
+  try:
+    return _detect_layout(root)
+  except InputError:
+    pass
+  if _has_files(root) or any(_has_files(d) for d in _subdirs(root)):
+    return "flat"
+  raise InputError(
+      f"{root} matches no known layout and holds no DICOM files at depth 1-3. "
+      "Expected Mayo 2016 (<root>/<patient>/full_1mm/*.IMA and/or "
+      "quarter_1mm/*.IMA), TCIA LDCT-and-Projection-data "
+      "(<root>/<patient>/<study>/<series>/*.dcm), or a flat folder of series "
+      "(<root>/<series>/*.dcm, or the series files directly in <root>)")
+
+
+def find_series(root, *, dose: str, layout: str = "auto",
+                thickness: str | None = "1mm") -> list:
+  """Finds the series of one dose under a dataset root; no partner needed.
+
+  This is how unpaired data is read: a tree of low-dose series only (the
+  scanner whose noise TDDL learns), or of full-dose series only (clean
+  images for pseudo pairs). Series of the other dose may be present; they
+  are skipped and never read for pixels (Mayo: not opened at all; TCIA: the
+  first file's header is read to classify the series, as ``find_pairs``
+  does).
+
+  Layouts:
+    ``'mayo'``: ``<root>/<patient>/quarter_<thickness>`` (low) or
+      ``full_<thickness>`` (full). A patient may have only one of the two;
+      patients without the requested one are skipped.
+    ``'tcia'``: ``<root>/<patient>/<study>/<series>/*.dcm``, the dose told
+      by SeriesDescription, else folder name, as in ``find_pairs``. A study
+      may hold only one dose, but at most one series of the requested dose.
+    ``'flat'``: ``<root>/<series>/*`` (each subfolder one series, one scan),
+      or a root that is itself one series folder. Names cannot tell the
+      dose in general, so **every series is taken as the requested dose**:
+      the caller says what the folder holds. A series whose SeriesDescription
+      (else folder name) says the other dose ('full dose' vs 'low dose' /
+      'quarter dose') makes the tree a mixed tree, which is an error naming
+      the folder. Patient id: PatientID of the first file, else the folder
+      name; study: the folder name. Non-DICOM files (README, splits.json)
+      directly in a root of series folders are ignored.
+    ``'auto'``: ``detect_layout`` (Mayo, then TCIA, then flat).
+
+  Args:
+    root: dataset root.
+    dose: ``'low'`` or ``'full'``.
+    layout: ``'auto'``, ``'mayo'``, ``'tcia'`` or ``'flat'``.
+    thickness: as in ``find_pairs``: Mayo picks ``*_<thickness>`` folders;
+      TCIA and flat keep series whose SliceThickness matches within 0.05 mm
+      (series without the tag are kept); None keeps all (not for Mayo).
+
+  Returns:
+    ``SeriesRef``s sorted by (patient_id, study).
+
+  Raises:
+    InputError: naming the path, for an unknown dose or layout, a missing or
+      empty root, a patient or series folder with no DICOM files, mixed
+      layouts, a mixed flat tree, several series of the dose in one TCIA
+      study. ``NoSeriesError`` (an ``InputError``) when the tree holds no
+      series of the requested dose, saying what it holds instead.
+  """
+  if dose not in _DOSES:
+    raise InputError(f"dose must be 'low' or 'full', got {dose!r}")
+  root = pathlib.Path(root)
+  if layout == "auto":
+    layout = detect_layout(root)
+  elif not root.is_dir():
+    raise InputError(f"dataset root {root} does not exist or is not a folder")
+  if layout == "mayo":
+    refs, found = _mayo_series(root, dose, thickness)
+  elif layout == "tcia":
+    refs, found = _tcia_series(root, dose, thickness)
+  elif layout == "flat":
+    refs, found = _flat_series(root, dose, thickness)
+  else:
+    raise InputError(f"unknown layout {layout!r}; use 'auto', 'mayo', 'tcia' or 'flat'")
+  if not refs:
+    what = "; ".join(found) if found else "no series at all"
+    raise NoSeriesError(
+        f"no {_DOSE_WORDS[dose]} series under {root} (layout {layout!r}, "
+        f"thickness {thickness!r}): found {what}")
+  return sorted(refs, key=lambda r: (r.patient_id, r.study))
+
+
+def _dicom_files(folder: pathlib.Path) -> list:
+  return [p for p in sorted(folder.iterdir())
+          if p.is_file() and not p.name.startswith(".")]
+
+
+def _mayo_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
+  if thickness is None:
+    raise InputError("the Mayo layout needs a thickness ('1mm' or '3mm') to "
+                     "pick the full_/quarter_ folders")
+  wanted = f"{_MAYO_FOLDER[dose]}_{thickness}".lower()
+  other_name = f"{_MAYO_FOLDER[_other(dose)]}_{thickness}".lower()
+  refs, others, other_thickness = [], [], set()
+  for patient in _subdirs(root):
+    dose_dirs = {d.name.lower(): d for d in _subdirs(patient)
+                 if _MAYO_DOSE_DIR.fullmatch(d.name.lower())}
+    if not dose_dirs:
+      if not any(not p.name.startswith(".") for p in patient.iterdir()):
+        raise InputError(f"patient folder {patient} holds no DICOM files")
+      raise InputError(
+          f"patient folder {patient} has no full_*/quarter_* folders although "
+          f"other patients of {root} do (Mayo layout): mixed layouts; move it "
+          "out or give it <patient>/quarter_1mm or full_1mm folders")
+    folder = dose_dirs.get(wanted)
+    if folder is None:
+      if other_name in dose_dirs:
+        others.append(patient.name)
+      else:
+        other_thickness.update(sorted(dose_dirs[n].name for n in dose_dirs))
+      continue
+    # Only names are listed here: no file of either dose is opened.
+    if not any(p.suffix.lower() in (".ima", ".dcm") for p in _dicom_files(folder)):
+      raise InputError(f"{folder}: no .IMA or .dcm files")
+    refs.append(SeriesRef(patient.name, "", folder, "mayo"))
+  found = []
+  if others:
+    found.append(f"only {_DOSE_WORDS[_other(dose)]} series ({other_name} in "
+                 f"{len(others)} patient(s): {', '.join(others[:5])}"
+                 f"{', ...' if len(others) > 5 else ''})")
+  if other_thickness:
+    found.append(f"other thicknesses ({', '.join(sorted(other_thickness))}); "
+                 "pass thickness=")
+  return refs, found
+
+
+def _other(dose: str) -> str:
+  return "full" if dose == "low" else "low"
+
+
+def _thickness_mismatch(header: Dataset, wanted_mm: float | None) -> float | None:
+  """The series' SliceThickness in mm when it differs from wanted_mm, else None."""
+  slice_mm = header.get("SliceThickness")
+  if wanted_mm is None or slice_mm in (None, ""):
+    return None
+  slice_mm = float(slice_mm)
+  return slice_mm if abs(slice_mm - wanted_mm) > 0.05 else None
+
+
+def _tcia_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
+  wanted_mm = None if thickness is None else _parse_thickness(thickness)
+  refs, counts = [], {"other": 0, "unclassified": 0}
+  for patient in _subdirs(root):
+    series_seen = 0
+    for study in _subdirs(patient):
+      found, skipped_thickness = [], []
+      for series in _subdirs(study):
+        files = _dicom_files(series)
+        if not files:
+          continue
+        series_seen += 1
+        header = _dcmread(files[0], stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        series_dose = (_dose_of(str(header.get("SeriesDescription", "")))
+                       or _dose_of(series.name))
+        if series_dose is None:
+          counts["unclassified"] += 1
+          continue
+        if series_dose != dose:
+          counts["other"] += 1
+          continue
+        slice_mm = _thickness_mismatch(header, wanted_mm)
+        if slice_mm is not None:
+          skipped_thickness.append(f"{series.name} ({slice_mm:g} mm)")
+          continue
+        found.append(series)
+      if len(found) > 1:
+        raise InputError(f"study {study}: several {_DOSE_WORDS[dose]} series: "
+                         f"{', '.join(s.name for s in found)}")
+      if not found and skipped_thickness:
+        raise InputError(f"study {study}: no {thickness} {_DOSE_WORDS[dose]} "
+                         f"series; found {', '.join(skipped_thickness)}; pass thickness=")
+      if found:
+        refs.append(SeriesRef(patient.name, study.name, found[0], "tcia"))
+    if not series_seen:
+      loose = "files directly in it or in a study folder" if (
+          _has_files(patient) or any(_has_files(s) for s in _subdirs(patient))) else "no files"
+      raise InputError(
+          f"patient folder {patient} holds no DICOM series at "
+          f"<patient>/<study>/<series>/*.dcm ({loose}); the TCIA layout was "
+          f"detected for {root}, so this looks like a mixed or broken tree")
+  found = []
+  if counts["other"]:
+    found.append(f"only {_DOSE_WORDS[_other(dose)]} series ({counts['other']})")
+  if counts["unclassified"]:
+    found.append(f"{counts['unclassified']} series whose SeriesDescription and "
+                 "folder name name no dose ('full dose', 'low dose', 'quarter dose')")
+  return refs, found
+
+
+def _looks_like_dicom(path: pathlib.Path) -> bool:
+  try:
+    with open(path, "rb") as f:
+      return f.read(132)[128:132] == b"DICM"
+  except OSError:
+    return False
+
+
+def _flat_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
+  wanted_mm = None if thickness is None else _parse_thickness(thickness)
+  subdirs = _subdirs(root)
+  if not subdirs:
+    if not _dicom_files(root):
+      raise InputError(f"dataset root {root} is empty")
+    folders = [root]
+  else:
+    loose = [p for p in _dicom_files(root) if _looks_like_dicom(p)]
+    if loose:
+      raise InputError(
+          f"{root} holds both DICOM files ({loose[0].name}, ...) and subfolders: "
+          "mixed layouts; a flat root is either one series folder or a folder "
+          "of series folders")
+    folders = subdirs
+  refs, skipped_thickness = [], []
+  for folder in folders:
+    files = _dicom_files(folder)
+    if not files:
+      inside = ("only subfolders (a patient or study folder?): mixed layouts; "
+                "each subfolder of a flat root must be one series"
+                if _subdirs(folder) else "nothing")
+      raise InputError(f"series folder {folder} holds no DICOM files, {inside}")
+    header = _dcmread(files[0], stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    description = str(header.get("SeriesDescription", "") or "")
+    said = _dose_of(description) or _dose_of(folder.name)
+    if said == _other(dose):
+      raise InputError(
+          f"series folder {folder} is {_DOSE_WORDS[said]} by its "
+          f"{'SeriesDescription ' + repr(description) if _dose_of(description) else 'name'}"
+          f", but {root} was read as {_DOSE_WORDS[dose]} series only (flat layout): "
+          "a mixed tree; keep the two doses in separate folders")
+    slice_mm = _thickness_mismatch(header, wanted_mm)
+    if slice_mm is not None:
+      skipped_thickness.append(f"{folder.name} ({slice_mm:g} mm)")
+      continue
+    patient_id = str(header.get("PatientID", "") or "").strip() or folder.name
+    refs.append(SeriesRef(patient_id, folder.name, folder, "flat"))
+  found = []
+  if skipped_thickness:
+    found.append(f"series of other thicknesses: {', '.join(skipped_thickness[:5])}"
+                 f"{', ...' if len(skipped_thickness) > 5 else ''}; pass "
+                 "thickness= (None keeps all)")
+  return refs, found
