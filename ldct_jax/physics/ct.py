@@ -995,7 +995,7 @@ Geometry = Union[ParallelBeamGeometry, FanBeamGeometry]
 
 def sample_dose_level_counts(line_integrals, dose_fractions: Sequence[float], key, *,
                              incident_flux=1e5, electronic_noise_std=math.sqrt(11.0),
-                             exact_counts: bool = False):
+                             exact_counts: bool = False, thinning: str = "sequential"):
   """Detected counts at several dose levels from ONE full-dose realisation.
 
   Full-dose counts ``y1 ~ Poisson(I0 exp(-p))``; a lower dose keeps each
@@ -1024,11 +1024,20 @@ def sample_dose_level_counts(line_integrals, dose_fractions: Sequence[float], ke
     incident_flux: full-dose photons per detector bin per view, I0.
     electronic_noise_std: sigma_e, in photon counts.
     exact_counts: Poisson/binomial sampling instead of the Gaussian one.
+    thinning: ``'sequential'`` (default) thins each level from the next
+      higher one requested, so a level's realisation depends on which other
+      levels were asked for. ``'tree'`` makes every level a function of the
+      key and its own fraction only (see :func:`_tree_thinned_counts`): a 0.1
+      level is the same whether it is drawn alone or next to 0.25, still
+      nested in every higher level. For ``(1.0, 0.25)`` both modes give the
+      same numbers.
 
   Returns:
     ``(len(dose_fractions), ...)`` counts (float, may be <= 0 from the
     electronic noise), in the order of ``dose_fractions``.
   """
+  if thinning not in THINNINGS:
+    raise ValueError(f"thinning must be one of {THINNINGS}, got {thinning!r}")
   fractions = _check_fractions(dose_fractions)
   p = jnp.asarray(line_integrals)
   p = p.astype(_float_dtype(p))
@@ -1039,6 +1048,9 @@ def sample_dose_level_counts(line_integrals, dose_fractions: Sequence[float], ke
   else:
     counts = mean_full + jnp.sqrt(mean_full) * jax.random.normal(key_full, p.shape, p.dtype)
 
+  if thinning == "tree":
+    return _tree_thinned_counts(counts, fractions, key_thin, key_electronic,
+                                electronic_noise_std, exact_counts)
   by_dose = np.argsort(-np.asarray(fractions), kind="stable")
   levels = [None] * len(fractions)
   current = 1.0
@@ -1057,6 +1069,96 @@ def sample_dose_level_counts(line_integrals, dose_fractions: Sequence[float], ke
   return jnp.stack(levels)
 
 
+THINNINGS = ("sequential", "tree")
+
+# The tree's first split, and the one fraction besides 1.0 whose electronic
+# noise keeps the sequential mode's key: (1.0, 0.25), the built-in dataset's
+# default, draws the same numbers in both modes.
+_TREE_ROOT_SPLIT = 0.25
+# Depth below the root at which a fraction that is no split point is split off
+# its leaf interval directly: leaves are <= 0.75 / 2**12 = 1.8e-4 wide, so
+# fractions that differ in the third decimal never share one.
+_TREE_DEPTH = 12
+
+
+def _tree_thinned_counts(full_counts, fractions, key_thin, key_electronic,
+                         electronic_noise_std, exact_counts):
+  """Nested dose levels, each a function of the key and its own fraction.
+
+  Picture each detected full-dose photon carrying a uniform label u in [0, 1);
+  the dose-f scan keeps the photons with u < f, so ``N(f) = #{u < f}`` is
+  nested in every higher level and ``Binomial(N(1), f)`` given the full dose.
+  The counts are drawn along a FIXED binary tree of split points (root 0.25,
+  then midpoints): a node splits its interval's count ``n = N(b) - N(a)`` at
+  m with ``N(m) = N(a) + Binomial(n, (m - a) / (b - a))`` (or its Gaussian
+  moment match), from a key that depends on the node only. A fraction is
+  reached by descending the tree; one that is no split point is split off its
+  depth-``_TREE_DEPTH`` leaf interval directly. Asking for more fractions
+  only evaluates more nodes and never changes the ones shared, so each
+  level's realisation depends on its fraction alone (two fractions in one
+  leaf, < 1.8e-4 apart, are chained in increasing order).
+  """
+  dtype, shape = full_counts.dtype, full_counts.shape
+
+  def split(low, high, low_counts, high_counts, at, key):
+    keep = (at - low) / (high - low)
+    if low_counts is None:  # N(0) = 0: the sequential mode's exact arithmetic
+      counts = high_counts
+    else:
+      counts = high_counts - low_counts
+    if exact_counts:
+      drawn = jax.random.binomial(key, jnp.maximum(counts, 0.0), keep).astype(dtype)
+    else:
+      spread = jnp.sqrt(keep * (1.0 - keep) * jnp.maximum(counts, 0.0))
+      drawn = keep * counts + spread * jax.random.normal(key, shape, dtype)
+    return drawn if low_counts is None else low_counts + drawn
+
+  nodes = {}  # heap index -> (low, high, N(low) or None for 0, N(high))
+
+  def node_counts(index):
+    if index not in nodes:
+      parent = index // 2
+      low, high, low_counts, high_counts = node_counts(parent)
+      middle = _TREE_ROOT_SPLIT if parent == 1 else (low + high) / 2
+      middle_counts = split(low, high, low_counts, high_counts, middle,
+                            jax.random.fold_in(key_thin, parent))
+      nodes[index] = ((low, middle, low_counts, middle_counts) if index % 2 == 0
+                      else (middle, high, middle_counts, high_counts))
+    return nodes[index]
+
+  nodes[1] = (0.0, 1.0, None, full_counts)
+  photons, leaf_splits = {1.0: full_counts}, {}
+  for fraction in sorted(set(fractions)):
+    if fraction == 1.0:
+      continue
+    index, depth = 1, 0
+    while True:
+      low, high, _, _ = node_counts(index)
+      middle = _TREE_ROOT_SPLIT if index == 1 else (low + high) / 2
+      if depth == _TREE_DEPTH:  # leaves are never split at their middle
+        leaf_splits.setdefault(index, []).append(fraction)
+        break
+      if fraction == middle:
+        photons[fraction] = node_counts(2 * index)[3]
+        break
+      index, depth = 2 * index + (fraction > middle), depth + 1
+  for index, inside in leaf_splits.items():
+    low, high, low_counts, high_counts = nodes[index]
+    for step, fraction in enumerate(inside):  # increasing: chain upwards
+      key = jax.random.fold_in(jax.random.fold_in(key_thin, index), step)
+      low_counts = split(low, high, low_counts, high_counts, fraction, key)
+      low, photons[fraction] = fraction, low_counts
+
+  def electronic_key(fraction):
+    if fraction in (1.0, _TREE_ROOT_SPLIT):
+      return jax.random.fold_in(key_electronic, 0 if fraction == 1.0 else 1)
+    return jax.random.fold_in(key_electronic, 2 + int(round(fraction * 1e6)))
+
+  return jnp.stack([
+      photons[f] + electronic_noise_std * jax.random.normal(electronic_key(f), shape, dtype)
+      for f in fractions])
+
+
 def _check_fractions(dose_fractions) -> Tuple[float, ...]:
   try:
     fractions = tuple(float(f) for f in np.atleast_1d(np.asarray(dose_fractions, np.float64)))
@@ -1068,13 +1170,15 @@ def _check_fractions(dose_fractions) -> Tuple[float, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "fractions", "geometry", "pixel_size", "filter", "exact_counts"))
+    "fractions", "geometry", "pixel_size", "filter", "exact_counts", "thinning"))
 def _simulate(ndct_hu, key, incident_flux, electronic_noise_std, mu_water, min_counts, *,
-              fractions, geometry, pixel_size, filter, exact_counts):  # pylint: disable=redefined-builtin
+              fractions, geometry, pixel_size, filter, exact_counts,  # pylint: disable=redefined-builtin
+              thinning="sequential"):
   line_integrals = geometry.project(hu_to_mu(ndct_hu, mu_water), pixel_size)
   counts = sample_dose_level_counts(
       line_integrals, fractions, key, incident_flux=incident_flux,
-      electronic_noise_std=electronic_noise_std, exact_counts=exact_counts)
+      electronic_noise_std=electronic_noise_std, exact_counts=exact_counts,
+      thinning=thinning)
   expected_blank = incident_flux * jnp.asarray(fractions, counts.dtype)
   expected_blank = expected_blank.reshape((-1,) + (1,) * (counts.ndim - 1))
   noisy_integrals = -jnp.log(jnp.maximum(counts, min_counts) / expected_blank)
@@ -1098,7 +1202,7 @@ def simulate_dose_levels(ndct_hu, dose_fractions: Sequence[float], key, *,
                          geometry: Optional[Geometry] = None,
                          pixel_size: Optional[float] = None, mu_water=MU_WATER,
                          filter: str = "ramp", min_counts=0.1,  # pylint: disable=redefined-builtin
-                         exact_counts: bool = False):
+                         exact_counts: bool = False, thinning: str = "sequential"):
   """Noisy reconstructions of one scan at several doses, sharing its photons.
 
   Zeng et al.'s model: HU -> mu, project, counts at full dose, binomial
@@ -1131,6 +1235,7 @@ def simulate_dose_levels(ndct_hu, dose_fractions: Sequence[float], key, *,
       noise produces in photon-starved rays) are raised to it before the log;
       0.1 as in LoDoPaB-CT. It bounds p at log(f I0 / 0.1).
     exact_counts: see :func:`sample_dose_level_counts`.
+    thinning: see :func:`sample_dose_level_counts`.
 
   Returns:
     ``(len(dose_fractions), *ndct_hu.shape)`` HU reconstructions, in the order
@@ -1142,7 +1247,8 @@ def simulate_dose_levels(ndct_hu, dose_fractions: Sequence[float], key, *,
   return _simulate(ndct_hu.astype(_float_dtype(ndct_hu)), key, incident_flux,
                    electronic_noise_std, mu_water, min_counts,
                    fractions=_check_fractions(dose_fractions), geometry=geometry,
-                   pixel_size=pixel_size, filter=filter, exact_counts=bool(exact_counts))
+                   pixel_size=pixel_size, filter=filter, exact_counts=bool(exact_counts),
+                   thinning=thinning)
 
 
 def simulate_low_dose(ndct_hu, dose_fraction: float, key, *, incident_flux=1e5,
