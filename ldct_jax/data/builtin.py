@@ -13,6 +13,27 @@ and feeds it through the same DICOM reader as real data:
 3. both series are written with ``dicom.write_series`` as
    ``<root>/<patient>/full_1mm/*.IMA`` and ``<root>/<patient>/quarter_1mm/*.IMA``.
 
+Two fields make dose and texture variants for blind and dose-adaptation
+experiments (issue #12):
+
+- ``extra_doses``: more low-dose series per patient, from the SAME full-dose
+  photons, written as ``<root>/<patient>/dose{f:.3f}_1mm/`` (e.g.
+  ``dose0.100_1mm``) and read with :func:`load_extra_doses`. The paired
+  loaders see only ``full_1mm``/``quarter_1mm`` and ignore them.
+- ``kernel``: the FBP filter (``physics.ct.FILTERS``) that reconstructs every
+  series, NDCT included; smoother kernels than ``'ramp'`` lower the
+  high-frequency noise power and reshape the NPS.
+
+The doses are drawn with ``thinning='tree'`` (see
+``physics.ct.sample_dose_level_counts``): every series is a function of the
+seed, the patient, its own dose and the kernel alone. So, with one seed and
+kernel, datasets that differ in ``dose_fraction`` or ``extra_doses`` share the
+phantoms and the NDCT exactly, a ``dose0.100_1mm`` series equals the
+``quarter_1mm`` series of the ``dose_fraction=0.1`` dataset, and adding extra
+doses never changes the other series; every lower dose is nested in every
+higher one. At the default dose (0.25) this draws the same numbers as the
+generator always did, so the default dataset and its cache key are unchanged.
+
 Next to the DICOM tree, ``dataset.json`` records how it was made (spec and
 versions), ``splits.json`` a patient split stratified by body region (so the
 held-out patients include every region; loaders use it unless told
@@ -50,7 +71,15 @@ GENERATOR_VERSION = 2
 
 @dataclasses.dataclass(frozen=True)
 class BuiltinSpec:
-  """What the built-in dataset contains. Every field changes the cache key."""
+  """What the built-in dataset contains. Every field changes the cache key.
+
+  ``kernel`` (default ``'ramp'``) is the FBP filter of both series, one of
+  ``physics.ct.FILTERS``. ``extra_doses`` (default ``()``) are more dose
+  fractions in (0, 1), each written as ``<patient>/dose{f:.3f}_1mm/``; they
+  must differ from ``dose_fraction`` and from each other at three decimals.
+  At their defaults these two fields are left out of the cache key, so
+  existing datasets keep theirs.
+  """
 
   num_patients: int = 8
   num_slices: int = 32
@@ -68,6 +97,22 @@ class BuiltinSpec:
   # 26.1 dB over the RED-CNN papers' test set); see tests/test_builtin.py.
   incident_flux: float = 5e5
   electronic_noise_std: float = float(np.sqrt(11.0))
+  kernel: str = "ramp"
+  extra_doses: Sequence[float] = ()
+
+  def __post_init__(self):
+    if self.kernel not in ct.FILTERS:
+      raise ValueError(f"BuiltinSpec.kernel must be one of {ct.FILTERS}, got {self.kernel!r}")
+    if not 0.0 < float(self.dose_fraction) <= 1.0:
+      raise ValueError(f"BuiltinSpec.dose_fraction must be in (0, 1], got {self.dose_fraction}")
+    extra = tuple(float(f) for f in np.atleast_1d(np.asarray(self.extra_doses, np.float64)))
+    names = [dose_folder(f) for f in extra]
+    if not all(0.0 < f < 1.0 for f in extra):
+      raise ValueError(f"BuiltinSpec.extra_doses must be in (0, 1), got {extra}")
+    if len(set(names)) != len(names) or dose_folder(self.dose_fraction) in names:
+      raise ValueError(f"BuiltinSpec.extra_doses {extra} repeat a dose (or dose_fraction "
+                       f"{self.dose_fraction}) at three decimals, the folder names' precision")
+    object.__setattr__(self, "extra_doses", extra)
 
   @classmethod
   def from_config(cls, cfg) -> "BuiltinSpec":
@@ -78,12 +123,31 @@ class BuiltinSpec:
     return cls(**values)
 
   def key(self) -> str:
-    payload = json.dumps({**dataclasses.asdict(self), "regions": list(self.regions),
-                          "version": GENERATOR_VERSION}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    payload = {**dataclasses.asdict(self), "regions": list(self.regions),
+               "extra_doses": list(self.extra_doses), "version": GENERATOR_VERSION}
+    # Fields and markers at their old values stay out, so datasets made before
+    # they existed keep their keys (and caches).
+    if self.kernel == "ramp":
+      del payload["kernel"]
+    if not self.extra_doses:
+      del payload["extra_doses"]
+    if self.extra_doses or self.dose_fraction != _SAME_AS_SEQUENTIAL:
+      # Tree thinning draws other numbers than the old sequential one here.
+      payload["thinning"] = "tree"
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
   def patient_ids(self):
     return [f"SIM{i + 1:03d}" for i in range(self.num_patients)]
+
+
+# The one low dose at which tree thinning (with the full dose) draws exactly what
+# the sequential thinning of generator version 2 drew.
+_SAME_AS_SEQUENTIAL = 0.25
+
+
+def dose_folder(fraction: float, thickness: str = "1mm") -> str:
+  """The series folder of an extra dose: ``dose0.100_1mm`` for 0.1."""
+  return f"dose{float(fraction):.3f}_{thickness}"
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -110,8 +174,11 @@ def ensure_builtin_dataset(spec: BuiltinSpec = BuiltinSpec(), cache_dir=None,
   try:
     _generate(spec, tmp)
     with open(tmp / "dataset.json", "w") as f:
-      json.dump({"spec": {**dataclasses.asdict(spec), "regions": list(spec.regions)},
+      json.dump({"spec": {**dataclasses.asdict(spec), "regions": list(spec.regions),
+                          "extra_doses": list(spec.extra_doses)},
                  "generator_version": GENERATOR_VERSION, "layout": "mayo",
+                 "kernel": spec.kernel,
+                 "doses": {name: dose for name, dose in _series(spec)},
                  "patients": spec.patient_ids(),
                  "generation_seconds": round(time.time() - start, 2)}, f, indent=2)
     try:
@@ -138,18 +205,30 @@ def _generate(spec: BuiltinSpec, out: pathlib.Path) -> None:
         spec.seed * 100_003 + index, region=region, size=spec.size,
         num_slices=spec.num_slices, slice_thickness_mm=spec.slice_thickness_mm,
         fov_mm=spec.fov_mm)
-    full, low = np.asarray(ct.simulate_dose_levels(
-        volume.hu, (1.0, spec.dose_fraction), jax.random.fold_in(key, index),
+    # One full-dose photon draw (its key depends on seed and patient only),
+    # every dose thinned from it (see the module docstring).
+    series = _series(spec)
+    images = np.asarray(ct.simulate_dose_levels(
+        volume.hu, tuple(dose for _, dose in series), jax.random.fold_in(key, index),
         incident_flux=spec.incident_flux, electronic_noise_std=spec.electronic_noise_std,
-        pixel_size=float(volume.pixel_spacing_mm)))
+        pixel_size=float(volume.pixel_spacing_mm), filter=spec.kernel, thinning="tree"))
     spacing = (spec.slice_thickness_mm, volume.pixel_spacing_mm, volume.pixel_spacing_mm)
-    for dose_dir, tag, images, description in (
-        ("full_1mm", "FD", full, "Full Dose Images (simulated)"),
-        ("quarter_1mm", "QD", low, f"Low Dose Images (simulated, {spec.dose_fraction:g} dose)")):
+    for (dose_dir, dose), volume_hu in zip(series, images):
+      if dose_dir == "full_1mm":
+        tag, description = "FD", "Full Dose Images (simulated)"
+      elif dose_dir == "quarter_1mm":
+        tag, description = "QD", f"Low Dose Images (simulated, {dose:g} dose)"
+      else:
+        tag, description = f"D{dose:.3f}", f"Low Dose Images (simulated, {dose:g} dose)"
+      # The filter goes in ConvolutionKernel only when it is not the default,
+      # so the default dataset's files carry the same tags as before.
+      tags = {"BodyPartExamined": region.upper()}
+      if spec.kernel != "ramp":
+        tags["ConvolutionKernel"] = spec.kernel
       dicom.write_series(
-          images, out / patient_id / dose_dir, spacing=spacing, patient_id=patient_id,
+          volume_hu, out / patient_id / dose_dir, spacing=spacing, patient_id=patient_id,
           series_description=description, filename_prefix=f"{patient_id}_{tag}_1_1.CT.",
-          extension=".IMA", extra_tags={"BodyPartExamined": region.upper()})
+          extension=".IMA", extra_tags=tags)
     np.save(ground_truth_dir / f"{patient_id}.npy", volume.hu.astype(np.float32))
     lesions[patient_id] = {
         "region": region,
@@ -160,6 +239,12 @@ def _generate(spec: BuiltinSpec, out: pathlib.Path) -> None:
     json.dump(lesions, f, indent=1)
   save_split_file(out / "splits.json", stratified_split(spec),
                   metadata={"stratified_by": "region", "fractions": list(SPLIT_FRACTIONS)})
+
+
+def _series(spec: BuiltinSpec):
+  """``[(folder, dose fraction)]``: full, quarter (the paired low dose), extras."""
+  return ([("full_1mm", 1.0), ("quarter_1mm", float(spec.dose_fraction))] +
+          [(dose_folder(f), f) for f in spec.extra_doses])
 
 
 # Patient-level train/val/test fractions of the shipped split.
@@ -177,6 +262,31 @@ def stratified_split(spec: BuiltinSpec) -> dict:
     for name in merged:
       merged[name] += part[name]
   return {name: sorted(ids) for name, ids in merged.items()}
+
+
+def load_extra_doses(root, patient_id: str) -> dict:
+  """``{dose fraction: (D, H, W) float32 HU}`` of a built-in patient's extra doses.
+
+  Reads the ``dose*_1mm`` series that ``dataset.json`` lists (``{}`` when it
+  lists none, e.g. a dataset made without ``extra_doses``).
+  """
+  root = pathlib.Path(root)
+  meta_path = root / "dataset.json"
+  if not meta_path.exists():
+    raise FileNotFoundError(f"{meta_path} not found: {root} is not a built-in dataset")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if patient_id not in meta.get("patients", []):
+    raise KeyError(f"{root}: no built-in patient {patient_id!r} (has {meta.get('patients')})")
+  out = {}
+  for name, dose in meta.get("doses", {}).items():
+    if name in ("full_1mm", "quarter_1mm"):
+      continue
+    folder = root / patient_id / name
+    if not folder.is_dir():
+      raise FileNotFoundError(f"{folder}: dataset.json lists dose {dose} but the folder is missing")
+    out[float(dose)] = dicom.read_series(folder).hu.astype(np.float32)
+  return out
 
 
 def load_ground_truth(root, patient_id: str) -> Optional[np.ndarray]:
