@@ -29,6 +29,17 @@ Writing stores int16 pixels with RescaleSlope 1 and RescaleIntercept -1024
 Writes never overwrite: every target is checked first, files are written under
 hidden temporary names and only hard-linked to their final names once all are
 complete, so a crash never leaves a half-written file under a final name.
+
+Dataset trees come in three layouts. ``find_pairs`` pairs low- and
+full-dose series in the Mayo 2016 (``<root>/<patient>/quarter_1mm`` +
+``full_1mm``) and TCIA (``<root>/<patient>/<study>/<series>``, dose from
+SeriesDescription or folder name) layouts. ``find_series`` finds one dose
+with no partner required (a site's low-dose scans, or full-dose scans
+only), in those two layouts or a third, ``'flat'``: a folder whose
+subfolders are each one series, or a single series folder. A flat folder's
+names cannot tell the dose in general, so the caller says which dose it
+holds; a series named as the other dose is an error (a mixed tree). Only
+the requested dose's series are read for pixels.
 """
 from __future__ import annotations
 
