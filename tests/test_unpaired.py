@@ -156,6 +156,19 @@ def test_patient_folder_without_dicom_files_named(tmp_path):
     dicom.find_series(tmp_path, dose="low")
 
 
+def test_sidecar_folders_of_non_dicom_files_are_skipped(tmp_path):
+  # The built-in data keeps ground_truth/<patient>.npy beside its patients.
+  _mayo(tmp_path, ["L1"], doses=("quarter",))
+  (tmp_path / "ground_truth").mkdir()
+  np.save(tmp_path / "ground_truth" / "L1.npy", np.zeros(3))
+  (tmp_path / "splits.json").write_text("{}")
+  assert [r.patient_id for r in dicom.find_series(tmp_path, dose="low")] == ["L1"]
+  # ...but a folder of DICOM files in the wrong place is a mixed layout.
+  _write(tmp_path / "L2", 0)
+  with pytest.raises(InputError, match=r"L2 has no full_\*/quarter_\* folders"):
+    dicom.find_series(tmp_path, dose="low")
+
+
 def test_tcia_patient_without_series_named(tmp_path):
   _tcia(tmp_path, ["C1"], doses=("Low Dose Images",))
   (tmp_path / "C2" / "study").mkdir(parents=True)

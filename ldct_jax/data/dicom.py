@@ -1065,6 +1065,8 @@ def _mayo_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
     if not dose_dirs:
       if not any(not p.name.startswith(".") for p in patient.iterdir()):
         raise InputError(f"patient folder {patient} holds no DICOM files")
+      if _sidecar_folder(patient):
+        continue
       raise InputError(
           f"patient folder {patient} has no full_*/quarter_* folders although "
           f"other patients of {root} do (Mayo layout): mixed layouts; move it "
@@ -1138,7 +1140,7 @@ def _tcia_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
                          f"series; found {', '.join(skipped_thickness)}; pass thickness=")
       if found:
         refs.append(SeriesRef(patient.name, study.name, found[0], "tcia"))
-    if not series_seen:
+    if not series_seen and not _sidecar_folder(patient):
       loose = "files directly in it or in a study folder" if (
           _has_files(patient) or any(_has_files(s) for s in _subdirs(patient))) else "no files"
       raise InputError(
@@ -1160,6 +1162,14 @@ def _looks_like_dicom(path: pathlib.Path) -> bool:
       return f.read(132)[128:132] == b"DICM"
   except OSError:
     return False
+
+
+def _sidecar_folder(folder: pathlib.Path) -> bool:
+  """A folder of non-DICOM files only (e.g. the built-in data's ground_truth/
+  of .npy volumes), which a layout walk skips rather than call broken."""
+  files = _dicom_files(folder)
+  return bool(files) and not _subdirs(folder) and not any(
+      p.suffix.lower() in (".ima", ".dcm") or _looks_like_dicom(p) for p in files)
 
 
 def _flat_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
