@@ -1,12 +1,15 @@
 """The built-in dataset: Mayo layout on disk, read back through the DICOM layer, realistic noise."""
+import filecmp
 import json
 
+import jax
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from ldct_jax.data import builtin, dicom
 from ldct_jax.data.datasets import load_dataset
+from ldct_jax.physics import ct
 from ldct_jax.windows import apply_window
 
 TINY = builtin.BuiltinSpec(num_patients=6, num_slices=3, size=64, seed=5)
@@ -97,3 +100,157 @@ def test_shipped_split_is_stratified_by_region_and_used_by_default(tiny_root):
   forced = load_dataset(ml_collections.ConfigDict(dict(
       root=str(tiny_root), split=dict(file="", fractions=(0.5, 0.25, 0.25), seed=0))))
   assert sorted(sum(forced.splits.values(), [])) == TINY.patient_ids()
+
+
+# --- Dose and kernel variants (issue #12) -----------------------------------
+
+VARIANT = dict(num_patients=2, num_slices=2, size=64, seed=3)
+
+
+def test_default_cache_key_is_pinned():
+  """README numbers and users' caches depend on the default dataset's key."""
+  assert builtin.BuiltinSpec().key() == "cedf2ce0dfab"
+  assert builtin.BuiltinSpec(kernel="ramp", extra_doses=()).key() == "cedf2ce0dfab"
+  assert builtin.BuiltinSpec(**VARIANT).key() == "95989fecd449"
+  keys = {builtin.BuiltinSpec(**{**VARIANT, **kw}).key() for kw in (
+      {}, dict(kernel="hann"), dict(extra_doses=(0.1,)), dict(extra_doses=(0.1, 0.05)),
+      dict(dose_fraction=0.1), dict(seed=4))}
+  assert len(keys) == 6
+
+
+def test_spec_rejects_bad_kernel_and_repeated_doses():
+  with pytest.raises(ValueError, match="kernel"):
+    builtin.BuiltinSpec(kernel="B30f")
+  with pytest.raises(ValueError, match="three decimals"):
+    builtin.BuiltinSpec(extra_doses=(0.1, 0.1001))
+  with pytest.raises(ValueError, match="three decimals"):
+    builtin.BuiltinSpec(extra_doses=(0.25,))
+  with pytest.raises(ValueError, match=r"\(0, 1\)"):
+    builtin.BuiltinSpec(extra_doses=(1.0,))
+  assert builtin.BuiltinSpec(extra_doses=[0.1, 0.5]).extra_doses == (0.1, 0.5)
+  assert builtin.dose_folder(0.1) == "dose0.100_1mm"
+
+
+def test_tree_thinning_is_binomial_nested_and_independent_of_the_other_doses():
+  """Closed forms for Poisson full-dose counts lam: N(f) has mean and variance
+  f lam, N(f1) - N(f2) has (f1 - f2) lam and is uncorrelated with N(f2)."""
+  p = np.linspace(0.5, 3.0, 20000).astype(np.float32)
+  lam = 1e5 * np.exp(-p.astype(np.float64))
+  fractions = (1.0, 0.5, 0.25, 0.1, 0.05)
+  key = jax.random.PRNGKey(3)
+  for exact in (False, True):
+    counts = np.asarray(ct.sample_dose_level_counts(
+        p, fractions, key, electronic_noise_std=0.0, exact_counts=exact, thinning="tree"),
+        np.float64)
+    for level, f in enumerate(fractions):
+      z = (counts[level] - f * lam) / np.sqrt(f * lam)
+      assert abs(z.mean()) < 0.03 and abs(z.std() - 1.0) < 0.03, (exact, f, z.mean(), z.std())
+    for high, low in ((2, 3), (1, 4)):
+      if exact:
+        assert (counts[high] >= counts[low]).all()
+      gap = counts[high] - counts[low] - (fractions[high] - fractions[low]) * lam
+      assert abs(gap.std() / np.sqrt((fractions[high] - fractions[low]) * lam).mean() - 1) < 0.1
+      assert abs(np.corrcoef(gap, counts[low] - fractions[low] * lam)[0, 1]) < 0.05
+    # Each level depends on its own fraction only (electronic noise included).
+    alone = np.asarray(ct.sample_dose_level_counts(p, (1.0, 0.1), key, exact_counts=exact,
+                                                   thinning="tree"))
+    among = np.asarray(ct.sample_dose_level_counts(p, (0.05, 0.1, 1.0, 0.5), key,
+                                                   exact_counts=exact, thinning="tree"))
+    np.testing.assert_array_equal(alone[1], among[1])
+    np.testing.assert_array_equal(alone[0], among[2])
+    # The built-in default pair draws what the sequential thinning drew.
+    np.testing.assert_array_equal(
+        np.asarray(ct.sample_dose_level_counts(p, (1.0, 0.25), key, exact_counts=exact)),
+        np.asarray(ct.sample_dose_level_counts(p, (1.0, 0.25), key, exact_counts=exact,
+                                               thinning="tree")))
+  with pytest.raises(ValueError, match="thinning"):
+    ct.sample_dose_level_counts(p, (1.0,), key, thinning="chain")
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+  """Tiny datasets, one seed: the paired dose 0.25 and 0.1, 0.25 with an extra
+  0.1 series, a Hann-kernel one, a regeneration and another seed."""
+  cache, again = tmp_path_factory.mktemp("variants"), tmp_path_factory.mktemp("again")
+  make = lambda cache_dir=cache, **kw: builtin.ensure_builtin_dataset(
+      builtin.BuiltinSpec(**{**VARIANT, **kw}), cache_dir, verbose=False)
+  return dict(quarter=make(), tenth=make(dose_fraction=0.1),
+              extra=make(extra_doses=(0.1, 0.5)), hann=make(kernel="hann"),
+              again=make(again), seed4=make(seed=4))
+
+
+def _series(root, pid, name):
+  return dicom.read_series(root / pid / name).hu
+
+
+def test_doses_share_phantoms_and_ndct_and_differ_only_in_ldct(variants):
+  quarter, tenth = variants["quarter"], variants["tenth"]
+  for name in ["lesions.json", "splits.json"] + [
+      f"ground_truth/{pid}.npy" for pid in builtin.BuiltinSpec(**VARIANT).patient_ids()]:
+    assert filecmp.cmp(quarter / name, tenth / name, shallow=False), name
+  extra_std = {}
+  for root in (quarter, tenth):
+    diffs = []
+    for pid in builtin.BuiltinSpec(**VARIANT).patient_ids():
+      full = _series(root, pid, "full_1mm")
+      np.testing.assert_array_equal(full, _series(quarter, pid, "full_1mm"))
+      truth = builtin.load_ground_truth(root, pid)
+      diffs.append((_series(root, pid, "quarter_1mm") - full)[truth > -500])
+    extra_std[root] = np.std(np.concatenate(diffs))
+  # Nested doses: Var(LD - ND) ~ 1/f - 1, so the std ratio is sqrt((1/0.1 - 1) /
+  # (1/0.25 - 1)) = sqrt(3) = 1.73 (measured 1.72; sqrt(0.25/0.1) = 1.58 would be
+  # the ratio of the LD noise alone). 5% covers the slice-to-slice spread (1.5%).
+  ratio = extra_std[tenth] / extra_std[quarter]
+  assert abs(ratio / np.sqrt(3.0) - 1.0) < 0.05, ratio
+
+
+def test_extra_dose_series_equal_the_single_dose_datasets_and_change_nothing_else(variants):
+  quarter, tenth, extra = variants["quarter"], variants["tenth"], variants["extra"]
+  pairs = dicom.find_pairs(extra)
+  assert [(p.low_dose_dir.name, p.full_dose_dir.name) for p in pairs] == [
+      ("quarter_1mm", "full_1mm")] * 2
+  meta = json.load(open(extra / "dataset.json"))
+  assert meta["doses"] == {"full_1mm": 1.0, "quarter_1mm": 0.25,
+                           "dose0.100_1mm": 0.1, "dose0.500_1mm": 0.5}
+  assert meta["kernel"] == "ramp" and meta["spec"]["extra_doses"] == [0.1, 0.5]
+  for pid in builtin.BuiltinSpec(**VARIANT).patient_ids():
+    for name in ("full_1mm", "quarter_1mm"):  # extras (one above 0.25) change nothing
+      np.testing.assert_array_equal(_series(extra, pid, name), _series(quarter, pid, name))
+    doses = builtin.load_extra_doses(extra, pid)
+    assert sorted(doses) == [0.1, 0.5] and doses[0.1].dtype == np.float32
+    np.testing.assert_array_equal(doses[0.1], _series(tenth, pid, "quarter_1mm"))
+    # Dose 0.5 lies between full and quarter dose in noise.
+    full, low = _series(extra, pid, "full_1mm"), _series(extra, pid, "quarter_1mm")
+    body = builtin.load_ground_truth(extra, pid) > -500
+    assert np.std((doses[0.5] - full)[body]) < np.std((low - full)[body])
+    assert builtin.load_extra_doses(quarter, pid) == {}
+
+
+def test_generation_is_reproducible_by_seed(variants):
+  """Same spec: same pixels and side files (the DICOM UIDs are fresh each time)."""
+  quarter, again, seed4 = variants["quarter"], variants["again"], variants["seed4"]
+  pids = builtin.BuiltinSpec(**VARIANT).patient_ids()
+  for name in ["lesions.json", "splits.json"] + [f"ground_truth/{pid}.npy" for pid in pids]:
+    assert filecmp.cmp(quarter / name, again / name, shallow=False), name
+  for pid in pids:
+    for name in ("full_1mm", "quarter_1mm"):
+      np.testing.assert_array_equal(_series(quarter, pid, name), _series(again, pid, name))
+      assert not np.array_equal(_series(quarter, pid, name), _series(seed4, pid, name))
+    assert not np.array_equal(builtin.load_ground_truth(quarter, pid),
+                              builtin.load_ground_truth(seed4, pid))
+
+
+def test_smooth_kernel_lowers_high_frequency_noise(variants):
+  quarter, hann = variants["quarter"], variants["hann"]
+  assert json.load(open(hann / "dataset.json"))["kernel"] == "hann"
+  assert dicom.read_series(hann / "SIM001" / "full_1mm").headers[0].ConvolutionKernel == "hann"
+  high_pass = {}
+  for root in (quarter, hann):
+    parts = []
+    for pid in builtin.BuiltinSpec(**VARIANT).patient_ids():
+      diff = _series(root, pid, "quarter_1mm") - _series(root, pid, "full_1mm")
+      detail = diff - ndimage.gaussian_filter(diff, (0, 1, 1))
+      parts.append(detail[builtin.load_ground_truth(root, pid) > -500])
+    high_pass[root] = np.std(np.concatenate(parts))
+  # Same photons, Hann apodisation: measured 3.5 vs 13.3 HU at 64^2.
+  assert high_pass[hann] < 0.5 * high_pass[quarter], high_pass
