@@ -25,8 +25,12 @@ def base_config() -> ml_collections.ConfigDict:
   data.thickness = "1mm"       # Mayo: '1mm' or '3mm' series
   data.patients = ()           # restrict to these patient ids (empty = all)
   data.cache_dir = ""          # built-in dataset cache ('' = $LDCT_JAX_CACHE or ~/.cache/ldct_jax)
+  # extra_doses: more low-dose series per patient (dose0.100_1mm, ...) from the
+  # same full-dose photons; kernel: the FBP filter of every series (ramp,
+  # shepp-logan, cosine, hamming, hann: another noise texture).
   data.builtin = ml_collections.ConfigDict(dict(
-      num_patients=8, num_slices=32, size=256, dose_fraction=0.25, seed=0))
+      num_patients=8, num_slices=32, size=256, dose_fraction=0.25, seed=0,
+      kernel="ramp", extra_doses=()))
   data.split = ml_collections.ConfigDict(dict(
       fractions=DEFAULT_SPLIT_FRACTIONS,  # patient-level train/val/test
       seed=0,

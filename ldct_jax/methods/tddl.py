@@ -215,10 +215,14 @@ def build(config, dataset) -> MethodSpec:
     if not noise_root:
       return dataset
     if not loaded_noise_data:
-      from ldct_jax.data import datasets  # deferred: datasets imports the DICOM stack
-      loaded = datasets.load_unpaired(noise_root, dose="low",
-                             layout=config.data.get("noise_layout", "auto"),
-                             thickness=config.data.get("thickness", "1mm"))
+      from ldct_jax.data import datasets, dicom  # deferred: the DICOM stack
+      layout = config.data.get("noise_layout", "auto")
+      if layout == "auto":
+        layout = dicom.detect_layout(noise_root)
+      # Mayo folders are named by thickness (quarter_1mm); a site's own TCIA
+      # tree or folder of series is taken at whatever thickness it has.
+      thickness = config.data.get("thickness", "1mm") if layout == "mayo" else None
+      loaded = datasets.load_unpaired(noise_root, dose="low", layout=layout, thickness=thickness)
       log(f"TDDL noise patients: {len(loaded.volumes)} low-dose scan(s) from {noise_root} "
           f"({loaded.layout} layout)")
       loaded_noise_data.append(loaded)
