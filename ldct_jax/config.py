@@ -31,6 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
   data.builtin = ml_collections.ConfigDict(dict(
       num_patients=8, num_slices=32, size=256, dose_fraction=0.25, seed=0,
       kernel="ramp", extra_doses=()))
+  # Blind training (supervised method, built-in data): each training patch
+  # takes its LDCT from one of these dose fractions, drawn uniformly per patch;
+  # each must be builtin.dose_fraction or in builtin.extra_doses. () = off;
+  # validation and evaluation stay on the dose_fraction series.
+  data.blind_doses = ()
   data.split = ml_collections.ConfigDict(dict(
       fractions=DEFAULT_SPLIT_FRACTIONS,  # patient-level train/val/test
       seed=0,

@@ -12,10 +12,15 @@ pseudo pairs may come from such a tree.
 ``load_unpaired(root, dose=...)`` reads one dose of a tree with no partner
 required, e.g. a site's own low-dose scans for TDDL's noise stage; the whole
 tree is training data.
+
+``with_dose_series(dataset, doses)`` adds several doses of each training
+patient (the built-in ``extra_doses`` series) for blind training
+(``data.blind_doses``); ``load_dataset`` itself never reads them.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Dict, List, Optional
 
@@ -234,3 +239,96 @@ def _split(data_cfg, root, ids, wanted) -> dict:
     splits = split_patients(ids, tuple(split_cfg.get("fractions", DEFAULT_SPLIT_FRACTIONS)),
                             int(split_cfg.get("seed", 0)))
   return {k: list(v) for k, v in splits.items()}
+
+
+# ----------------------------------------------------------------------------
+# Several doses per patient (blind training, ``data.blind_doses``)
+
+
+def dose_key(fraction: float) -> str:
+  """The array key of one dose of a blind-training volume: ``'ld@0.100'`` for 0.1.
+
+  Three decimals, the precision of the built-in ``dose{f:.3f}_1mm`` folders.
+  """
+  return f"ld@{float(fraction):.3f}"
+
+
+def blind_dose_keys(doses) -> tuple:
+  """Checks ``data.blind_doses`` and returns its array keys, in order.
+
+  Raises:
+    InputError: a dose outside (0, 1) or two doses equal at three decimals.
+  """
+  doses = tuple(float(f) for f in doses)
+  if not all(0.0 < f < 1.0 for f in doses):
+    raise InputError(f"data.blind_doses {doses}: every dose fraction must be in (0, 1) "
+                     "(1 is the full-dose target)")
+  keys = tuple(dose_key(f) for f in doses)
+  if len(set(keys)) != len(keys):
+    raise InputError(f"data.blind_doses {doses} repeat a dose at three decimals "
+                     "(the built-in dose folders' precision)")
+  return keys
+
+
+def with_dose_series(dataset: CTDataset, doses, split: str = "train") -> List[Volume]:
+  """The ``split``'s volumes with one extra array per dose, keyed ``dose_key(f)``.
+
+  Blind training (``data.blind_doses``) crops every dose of a patient at the
+  same location, so each patient needs every dose, all made from the same
+  full-dose photons: only the built-in data has that today (its
+  ``extra_doses`` series, see ``builtin``). The dataset's own low dose (the
+  ``'ld'`` array, ``quarter_1mm``) serves its fraction without a second copy;
+  the other doses are read from ``<root>/<patient>/dose{f:.3f}_1mm/``. Only
+  the requested doses and the split's patients are read, and ``dataset`` is
+  left as it is (validation and evaluation keep the ordinary ``'ld'``).
+
+  This is the supervised stage's (training-only) reader rather than part of
+  ``load_dataset``: ``--mode=eval``/``denoise`` of a blind run on another
+  ``data.root`` (a site's paired scans) must not need the extra series.
+
+  Raises:
+    InputError: ``dataset`` is not the built-in data, or lacks a dose (the
+      message names the ``--config.data.builtin.extra_doses=`` to add).
+  """
+  keys = blind_dose_keys(doses)
+  doses = tuple(float(f) for f in doses)
+  if not dataset.is_builtin or dataset.dose != "paired":
+    raise InputError(
+        f"data.blind_doses {doses}: blind training needs several dose series per patient, "
+        f"made from the same full-dose scan; only the built-in data provides them today, "
+        f"and data.root {str(dataset.root)!r} is not it (leave data.root empty and set "
+        "data.builtin.extra_doses)")
+  meta_path = dataset.root / "dataset.json"
+  with open(meta_path) as f:
+    meta = json.load(f)
+  # Datasets made before extra doses existed list no "doses": quarter only.
+  listed = meta.get("doses") or {"quarter_1mm": meta["spec"]["dose_fraction"]}
+  base = float(listed["quarter_1mm"])
+  folder_of = {dose_key(dose): name for name, dose in listed.items()
+               if name not in ("full_1mm", "quarter_1mm")}
+  extras = sorted(float(d) for n, d in listed.items() if n not in ("full_1mm", "quarter_1mm"))
+  missing = [f for f, key in zip(doses, keys)
+             if key not in folder_of and key != dose_key(base)]
+  if missing:
+    wanted = sorted(set(extras) | set(missing))
+    flag = "(" + ",".join(f"{f:g}" for f in wanted) + ("," if len(wanted) == 1 else "") + ")"
+    raise InputError(
+        f"data.blind_doses {doses}: the built-in data {dataset.root} has no dose "
+        f"{', '.join(f'{f:g}' for f in missing)} (it has dose_fraction {base:g} and "
+        f"extra_doses {tuple(extras)}); add --config.data.builtin.extra_doses='{flag}'")
+  out = []
+  for volume in dataset.split(split):
+    patient = dataset.patient_of.get(volume.patient_id, volume.patient_id)
+    arrays = dict(volume.arrays)
+    for key in keys:
+      if key == dose_key(base):
+        arrays[key] = volume.arrays["ld"]  # same array, no copy
+        continue
+      series = dicom.read_series(dataset.root / patient / folder_of[key])
+      if series.hu.shape != volume.shape:
+        raise InputError(f"{dataset.root / patient / folder_of[key]}: shape "
+                         f"{series.hu.shape} differs from the patient's paired series "
+                         f"{volume.shape}")
+      arrays[key] = series.hu
+    out.append(Volume(volume.patient_id, arrays))
+  return out

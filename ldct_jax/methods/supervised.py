@@ -4,6 +4,11 @@ State: ``TrainState`` (params, optimiser state, BatchNorm statistics).
 Step: ``loss(model(ld), nd)`` with the config's loss, one optimiser update.
 With ``data.slab = k > 1`` the model sees k adjacent LDCT slices (NDHWC) and
 is trained against the central NDCT slice.
+
+Blind training (``data.blind_doses``, built-in data): the patch stream crops
+'nd' and every dose's LDCT (``'ld@0.100'``, ...) at one location, and the
+step picks one dose per patch at random (``select_dose``), so one model sees
+a range of noise levels; validation and evaluation use the ordinary 'ld'.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 from flax.training import train_state
 
 from ldct_jax import losses, models
+from ldct_jax.data import datasets
 from ldct_jax.evaluation import make_validation_fn
 from ldct_jax.data.pipeline import Normalization, make_patch_dataset
 from ldct_jax.methods import MethodSpec, bind_denoiser
@@ -53,10 +59,47 @@ def create_train_state(model, tx, rng, shape) -> TrainState:
                            batch_stats=variables.get("batch_stats", flax.core.FrozenDict()))
 
 
-def make_train_step(model, loss_fn):
-  """Pure ``(state, batch, rng) -> (state, metrics)`` for paired batches {'ld', 'nd'}."""
+def select_dose(batch, dose_keys, doses, rng) -> tuple:
+  """Per sample, the LDCT of one dose drawn uniformly from ``dose_keys``.
+
+  Args:
+    batch: ``{'nd': ..., dose_keys[i]: ...}``, arrays of one shape, batch first.
+    dose_keys: the batch's LDCT keys, one per dose.
+    doses: their dose fractions (for the returned draw).
+    rng: a JAX key; the draw is a pure function of it.
+
+  Returns:
+    ``({'ld': chosen LDCT, 'nd': batch['nd']}, (B,) float32 chosen fractions)``.
+  """
+  # Per patch, not per batch: a batch then mixes noise levels, so the model
+  # cannot read the level off batch statistics (BatchNorm's batch mean and
+  # variance would carry it in training and not at inference), and every
+  # step's gradient covers the whole dose range instead of one dose at a time.
+  stacked = jnp.stack([batch[key] for key in dose_keys])  # (K, B, ...)
+  size = stacked.shape[1]
+  index = jax.random.randint(rng, (size,), 0, len(dose_keys))
+  chosen = jnp.take_along_axis(
+      stacked, index.reshape((1, size) + (1,) * (stacked.ndim - 2)), axis=0)[0]
+  return {"ld": chosen, "nd": batch["nd"]}, jnp.asarray(doses, jnp.float32)[index]
+
+
+def make_train_step(model, loss_fn, *, dose_keys=(), doses=()):
+  """Pure ``(state, batch, rng) -> (state, metrics)`` for paired batches {'ld', 'nd'}.
+
+  With ``dose_keys`` (blind training) the batch holds 'nd' and one LDCT per
+  dose instead of 'ld'; each sample's LDCT is drawn by ``select_dose`` from
+  the step's rng and the metric ``dose_mean`` is the batch's mean drawn dose.
+  """
+  dose_keys, doses = tuple(dose_keys), tuple(float(f) for f in doses)
+  if len(dose_keys) != len(doses):
+    raise ValueError(f"dose_keys {dose_keys} and doses {doses} differ in length")
 
   def train_step(state: TrainState, batch, rng):
+    extra = {}
+    if dose_keys:
+      rng, dose_rng = jax.random.split(rng)
+      batch, chosen = select_dose(batch, dose_keys, doses, dose_rng)
+      extra["dose_mean"] = jnp.mean(chosen)
     target = central_slice(batch["nd"])
 
     def objective(params):
@@ -77,6 +120,7 @@ def make_train_step(model, loss_fn):
         "loss": loss,
         "mse": jnp.mean(jnp.square(out - target)),
         "grad_norm": jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))),
+        **extra,
     }
     return state, metrics
 
@@ -104,6 +148,8 @@ def build(config, dataset) -> MethodSpec:
   normalization = Normalization.from_config(config.data.normalization)
   slab = int(config.data.get("slab", 1))
   denoise, inference_variables = make_inference(model)
+  blind_doses = tuple(float(f) for f in config.data.get("blind_doses", ()))
+  dose_keys = datasets.blind_dose_keys(blind_doses)
 
   def init_state(rng, previous):
     del previous
@@ -111,8 +157,12 @@ def build(config, dataset) -> MethodSpec:
 
   def make_data(previous):
     del previous
+    volumes, keys = dataset.split("train"), ("ld", "nd")
+    if dose_keys:  # read here, for training only: eval/denoise never need the doses
+      volumes = datasets.with_dose_series(dataset, blind_doses)
+      keys = ("nd",) + dose_keys  # air rejection on the NDCT, the same for every dose
     return make_patch_dataset(
-        dataset.split("train"), keys=("ld", "nd"), patch_size=config.data.patch_size,
+        volumes, keys=keys, patch_size=config.data.patch_size,
         slab=slab, batch_size=config.data.batch_size, seed=config.seed,
         normalization=normalization, augment=config.data.augment,
         skip_air_fraction=config.data.skip_air_fraction)
@@ -123,9 +173,13 @@ def build(config, dataset) -> MethodSpec:
                                   bind_denoiser(denoise, inference_variables), normalization, slab)
 
   stage = Stage(name="denoiser", num_steps=config.train.num_steps, init_state=init_state,
-                train_step=make_train_step(model, loss_fn), make_data=make_data,
+                train_step=make_train_step(model, loss_fn, dose_keys=dose_keys,
+                                           doses=blind_doses),
+                make_data=make_data,
                 evaluate=evaluate, best_metric=config.train.get("best_metric"),
                 best_mode=config.train.get("best_mode", "max"))
   return MethodSpec(stages=[stage], denoise=denoise, inference_variables=inference_variables,
                     input_slab=slab,
-                    description=f"{config.model.name} (supervised, {config.loss.name} loss)")
+                    description=f"{config.model.name} (supervised, {config.loss.name} loss"
+                    + (f", blind {min(blind_doses):g}-{max(blind_doses):g} dose)"
+                       if blind_doses else ")"))
