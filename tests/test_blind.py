@@ -154,3 +154,30 @@ def test_blind_run_trains_and_evaluates_on_another_root(builtin_cache, tmp_path)
   again = run.main(None, mode="eval", workdir=workdir,
                    overrides={"data.root": str(plain), "eval.split": "all"})
   assert again["data_root"] == str(plain) and np.isfinite(again["mean"]["model"]["psnr/abdomen"])
+
+
+
+@pytest.mark.parametrize("path,variant", [("gcn", ""), ("gcn", "local"), ("gcn", "blind"),
+                                          ("gcn", "local_blind"), ("redcnn", "blind")])
+def test_config_variants_build(path, variant):
+  import importlib
+  from ldct_jax.methods import build_method
+  config = importlib.import_module(f"configs.{path}").get_config(variant)
+  if path == "gcn":
+    assert config.model.name == ("gcn_local" if "local" in variant else "gcn")
+  if "blind" in variant:
+    # Every blind dose is the built-in dose_fraction or one of its extra doses.
+    assert config.data.blind_doses == (0.05, 0.1, 0.25, 0.5)
+    assert (set(config.data.blind_doses) - {config.data.builtin.dose_fraction}
+            == set(config.data.builtin.extra_doses))
+  else:
+    assert config.data.blind_doses == ()
+  stage = build_method(config, None).denoiser_stage
+  assert jax.tree.leaves(jax.eval_shape(stage.init_state, jax.random.PRNGKey(0), {}).params)
+
+
+def test_gcn_config_refuses_unknown_variants():
+  from configs import gcn as gcn_config
+  for variant in ("blind_blind", "paper"):
+    with pytest.raises(ValueError, match="unknown variant"):
+      gcn_config.get_config(variant)
