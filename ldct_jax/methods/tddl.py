@@ -192,6 +192,9 @@ def build(config, dataset) -> MethodSpec:
   map_keys = ("noise_map",) if use_map else ()
   denoise, inference_variables = supervised.make_inference(denoiser)
 
+  if tuple(config.data.get("blind_doses", ()) or ()):
+    raise InputError("data.blind_doses trains on true pairs at several doses (the supervised "
+                     "method); TDDL's pseudo pairs take the dose from tddl.noise_gain")
   noise_root = str(config.data.get("noise_root", "") or "")
   if cfg.get("site", False) and not noise_root:
     raise InputError("configs/tddl.py:site learns the noise of your scanner's low-dose "
