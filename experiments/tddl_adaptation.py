@@ -90,8 +90,11 @@ def target_ldct_tree(config, condition: dict, out_dir: str) -> str:
 
 
 def arm_config(arm: str, args, workdir: str):
+  """``arm`` is a name of ARMS or 'blind', optionally '@<condition>' for the
+  condition 'adapted' / 'true_pairs' target (default ``TARGET``)."""
   config = base_config(args.steps, args.cache_dir)
-  target = CONDITIONS[TARGET]
+  arm, _, target_name = arm.partition("@")
+  target = CONDITIONS[target_name or TARGET]
   if arm == "single":
     return config
   if arm == "adapted":  # configs/tddl.py:site on the base sizes
@@ -166,8 +169,12 @@ def main(argv=None):
       for name, rows in json.load(f).items():
         results.setdefault(name, {}).update(rows)
   noise_reports = {}
+  saved_noise = os.path.join(args.workdir, "noise_reports.json")
+  if os.path.exists(saved_noise):
+    with open(saved_noise) as f:
+      noise_reports.update(json.load(f))
   for arm in args.arms.split(","):
-    workdir = os.path.join(args.workdir, arm)
+    workdir = os.path.join(args.workdir, arm.replace("@", "_"))
     config = arm_config(arm, args, workdir)
     print(f"\n=== {arm} -> {workdir}", flush=True)
     config.eval.after_training = False
@@ -180,19 +187,22 @@ def main(argv=None):
         label = arm if row == "model" else row
         if row == "model" or first:
           results[name][label] = values
-      if arm == "adapted" and name == TARGET and "noise_fidelity" in report:
-        noise_reports[name] = report["noise_fidelity"].get("markdown", "")
+      if arm.startswith("adapted") and name == (arm.partition("@")[2] or TARGET) \
+          and "noise_fidelity" in report:
+        noise_reports[f"{arm} on {name}"] = report["noise_fidelity"].get("markdown", "")
   text = (f"## TDDL adaptation to an unseen scanner (target {TARGET}; test patients, "
           f"{args.max_slices} slices each; PSNR/SSIM: HU through the window to [0, 1], "
           f"data range 1; RMSE in HU)\n\n{table(results)}\n")
   for name, markdown in noise_reports.items():
-    text += f"\n## Noise fidelity of the adapted VAE on {name}\n\n{markdown}\n"
+    text += f"\n## Noise fidelity: {name}\n\n{markdown}\n"
   print("\n" + text, flush=True)
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, "adaptation.md"), "w") as f:
     f.write(text)
   with open(os.path.join(args.workdir, "adaptation.json"), "w") as f:
     json.dump(results, f, indent=2)
+  with open(saved_noise, "w") as f:
+    json.dump(noise_reports, f, indent=2)
 
 
 if __name__ == "__main__":
