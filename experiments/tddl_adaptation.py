@@ -6,6 +6,8 @@ built-in default (quarter dose, ramp filter); its held-out test patients are
 scored, next to the training condition and doses outside every training
 range, for:
 
+  adapted_kernel  the same with the NDCT source reconstructed with the target's
+              kernel (a site whose open NDCT matches its own kernel);
   single      the default TDDL run (``configs/tddl.py``): NDCT + VAE noise of the
               default quarter-dose ramp LDCT; never sees the target scanner;
   adapted     ``configs/tddl.py:site``: the VAE learns the target scanner's
@@ -97,6 +99,9 @@ def arm_config(arm: str, args, workdir: str):
   target = CONDITIONS[target_name or TARGET]
   if arm == "single":
     return config
+  if arm == "adapted_kernel":  # the same, with an NDCT source of the site's kernel
+    config.data.builtin.kernel = target["kernel"]
+    arm = "adapted"
   if arm == "adapted":  # configs/tddl.py:site on the base sizes
     config.tddl.site = True
     config.train.best_metric = ""
