@@ -129,8 +129,7 @@ def evaluate_on(workdir: str, condition: dict, max_slices: int, classical: str) 
                "eval.max_slices": max_slices, "eval.classical": classical,
                "eval.split": "test"}
   saved = run.run_config(workdir, {})
-  overrides = {k: v for k, v in overrides.items()
-               if k.split(".")[0] in saved and _has(saved, k)}
+  overrides = {k: v for k, v in overrides.items() if _has(saved, k)}
   return run.main(None, mode="eval", workdir=workdir, overrides=overrides)
 
 

@@ -198,21 +198,22 @@ def prepare_workdir(config, workdir: str) -> None:
   that differs in ways the checkpoints survive (more steps, another learning
   rate) is allowed: the differences are logged and the new config is stored
   beside the old one as ``config.<time>.json``. A config whose trained state
-  has other shapes is refused (``check_resume_compatible``).
+  has other shapes is refused, naming the fields (``check_compatible``).
   """
-  check_resume_compatible(config, workdir)
+  path = config_path(workdir)
+  saved = load_saved_config(workdir) if os.path.exists(path) else None
+  changed = changed_fields(saved, config) if saved is not None else []
+  if changed:
+    check_compatible(saved, config, workdir, fields=changed, action="resume")
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(workdir)
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  path = config_path(workdir)
-  if not os.path.exists(path):
+  if saved is None:
     with open(path, "w") as f:
       f.write(text)
     return
-  saved = load_saved_config(workdir)
-  changed = changed_fields(saved, config)
   if changed:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     log(f"config differs from {path} in {changed}; saved as config.{stamp}.json")

@@ -8,6 +8,7 @@ os.environ.setdefault("LDCT_JAX_COMPILATION_CACHE",
                       os.path.join(tempfile.gettempdir(), "ldct_jax_test_xla_cache"))
 
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # One tiny built-in dataset (Mayo-layout DICOM, 3 abdomen + 3 chest patients)
@@ -22,3 +23,12 @@ def builtin_cache(tmp_path_factory):
   cache = tmp_path_factory.mktemp("builtin_cache")
   builtin.ensure_builtin_dataset(builtin.BuiltinSpec(**TINY_BUILTIN), cache, verbose=False)
   return cache
+
+
+def windowed_psnr(pred_hu, ref_hu, low=-160.0, high=240.0):
+  """Independent reference: per-slice PSNR (dB) after clipping HU to [low, high]
+  -> [0, 1], data range 1, by scikit-image in float64."""
+  from skimage.metrics import peak_signal_noise_ratio
+  to_unit = lambda x: np.clip((np.asarray(x, np.float64) - low) / (high - low), 0.0, 1.0)
+  return np.array([peak_signal_noise_ratio(to_unit(r), to_unit(p), data_range=1.0)
+                   for p, r in zip(pred_hu, ref_hu)])

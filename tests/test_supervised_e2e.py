@@ -12,7 +12,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from skimage.metrics import peak_signal_noise_ratio
 
 from configs import redcnn as redcnn_config
 from ldct_jax import models, run
@@ -22,7 +21,7 @@ from ldct_jax.errors import InputError
 from ldct_jax.train.loop import restore_stage_state
 from ldct_jax.methods import build_method
 
-from conftest import TINY_BUILTIN as TINY_DATA
+from conftest import TINY_BUILTIN as TINY_DATA, windowed_psnr
 
 
 def tiny_config(cache_dir, **train):
@@ -61,13 +60,6 @@ def test_training_writes_logs_checkpoints_and_a_stated_metrics_report(trained):
   assert any(p.endswith("_abdomen.png") for p in panels)
 
 
-def _windowed_psnr(pred_hu, ref_hu, low, high):
-  """Mean over slices of PSNR after clipping HU to [low, high] -> [0, 1], data range 1."""
-  to_unit = lambda x: np.clip((np.asarray(x, np.float64) - low) / (high - low), 0.0, 1.0)
-  return float(np.mean([peak_signal_noise_ratio(to_unit(r), to_unit(p), data_range=1.0)
-                        for p, r in zip(pred_hu, ref_hu)]))
-
-
 def test_eval_numbers_match_an_independent_computation(builtin_cache, trained):
   """metrics.json's rows equal the restored model applied slice by slice, scored here."""
   workdir, _ = trained
@@ -89,7 +81,7 @@ def test_eval_numbers_match_an_independent_computation(builtin_cache, trained):
   for row, images in (("ldct", ld), ("model", pred)):
     for window, (low, high) in (("abdomen", (-160.0, 240.0)), ("paper", (-160.0, 240.0))):
       assert saved["mean"][row][f"psnr/{window}"] == pytest.approx(
-          _windowed_psnr(images, nd, low, high), abs=2e-3), (row, window)
+          np.mean(windowed_psnr(images, nd, low, high)), abs=2e-3), (row, window)
     rmse = np.mean([np.sqrt(np.mean((p.astype(np.float64) - r) ** 2)) for p, r in zip(images, nd)])
     assert saved["mean"][row]["rmse_hu"] == pytest.approx(rmse, rel=1e-4)
   # The classical row is computed, not copied from the input. (On these 64^2

@@ -21,7 +21,7 @@ from ldct_jax.methods import build_method, supervised, tddl
 from ldct_jax.models import vae as vae_lib
 from ldct_jax.train.loop import restore_stage_state
 
-from conftest import TINY_BUILTIN as TINY_DATA
+from conftest import TINY_BUILTIN as TINY_DATA, windowed_psnr
 
 # A normalisation other than the default (HU + 1024) / 4096: a constant
 # hard-coded for the default would show up as a different noise in HU.
@@ -58,13 +58,6 @@ def test_partition_is_disjoint_unless_paired():
     tddl.partition_train_patients(["a"], 0.5, paired=False)
 
 
-def _windowed_psnr(pred_hu, ref_hu, low=-160.0, high=240.0):
-  """Per-slice PSNR (dB, data range 1) in a HU window, NumPy float64."""
-  to01 = lambda hu: np.clip((hu.astype(np.float64) - low) / (high - low), 0.0, 1.0)
-  mse = np.mean(np.square(to01(pred_hu) - to01(ref_hu)), axis=(1, 2))
-  return 10.0 * np.log10(1.0 / mse)
-
-
 def test_pipeline_runs_all_stages_and_reports_true_numbers(uninterrupted, builtin_cache):
   workdir, report = uninterrupted
   for stage in ("noise_model", "denoiser"):
@@ -84,7 +77,7 @@ def test_pipeline_runs_all_stages_and_reports_true_numbers(uninterrupted, builti
   nd = np.concatenate([v.arrays["nd"] for v in test])
   assert saved["num_slices"] == ld.shape[0]
   ldct = saved["mean"]["ldct"]
-  assert ldct["psnr/abdomen"] == pytest.approx(np.mean(_windowed_psnr(ld, nd)), abs=1e-3)
+  assert ldct["psnr/abdomen"] == pytest.approx(np.mean(windowed_psnr(ld, nd)), abs=1e-3)
   rmse = np.sqrt(np.mean(np.square(ld.astype(np.float64) - nd), axis=(1, 2)))
   assert ldct["rmse_hu"] == pytest.approx(np.mean(rmse), rel=1e-4)
   # The GCN starts as the identity and trained 4 steps: it must not be worse

@@ -204,22 +204,15 @@ def load_dataset(data_cfg) -> CTDataset:
     raise ValueError(f"no low/full-dose patient pairs found under {root}")
   if wanted:
     pairs = [p for p in pairs if p.patient_id in set(wanted)]
-  scans_per_patient = {}
-  for pair in pairs:
-    scans_per_patient[pair.patient_id] = scans_per_patient.get(pair.patient_id, 0) + 1
   volumes, spacing, patient_of = {}, {}, {}
-  for pair in pairs:
-    key = pair.patient_id
-    if scans_per_patient[pair.patient_id] > 1:
-      key = f"{pair.patient_id}_{pair.study}"
+  for key, pair in zip(_scan_keys(pairs), pairs):
     low, full = dicom.load_pair(pair)
     volumes[key] = Volume(key, {"ld": low.hu, "nd": full.hu})
     spacing[key] = tuple(full.spacing)
     patient_of[key] = pair.patient_id
   ids = sorted(set(patient_of.values()))
-  splits = _split(data_cfg, root, ids, wanted)
   return CTDataset(root=root, layout=pairs[0].layout, volumes=volumes, spacing=spacing,
-                   splits={k: list(v) for k, v in splits.items()}, patient_of=patient_of,
+                   splits=_split(data_cfg, root, ids, wanted), patient_of=patient_of,
                    is_builtin=is_builtin)
 
 

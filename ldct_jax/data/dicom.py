@@ -833,20 +833,16 @@ def _tcia_pairs(root: pathlib.Path, thickness: str | None) -> list:
       found = {"full": [], "low": []}
       skipped_thickness = []
       for series in _subdirs(study):
-        files = [p for p in sorted(series.iterdir())
-                 if p.is_file() and not p.name.startswith(".")]
+        files = _series_files(series, None)
         if not files:
           continue
-        header = _dcmread(files[0], stop_before_pixels=True,
-                          specific_tags=["SeriesDescription", "SliceThickness",
-                                         "Rows", "Columns"])
+        header = _dcmread(files[0], stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         dose = _dose_of(str(header.get("SeriesDescription", ""))) or _dose_of(series.name)
         if dose is None:
           continue
-        slice_mm = header.get("SliceThickness")
-        if (wanted_mm is not None and slice_mm not in (None, "")
-            and abs(float(slice_mm) - wanted_mm) > 0.05):
-          skipped_thickness.append(f"{series.name} ({float(slice_mm):g} mm)")
+        slice_mm = _thickness_mismatch(header, wanted_mm)
+        if slice_mm is not None:
+          skipped_thickness.append(f"{series.name} ({slice_mm:g} mm)")
           continue
         found[dose].append(series)
       if not found["full"] and not found["low"]:
@@ -1047,11 +1043,6 @@ def find_series(root, *, dose: str, layout: str = "auto",
   return sorted(refs, key=lambda r: (r.patient_id, r.study))
 
 
-def _dicom_files(folder: pathlib.Path) -> list:
-  return [p for p in sorted(folder.iterdir())
-          if p.is_file() and not p.name.startswith(".")]
-
-
 def _mayo_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
   if thickness is None:
     raise InputError("the Mayo layout needs a thickness ('1mm' or '3mm') to "
@@ -1079,7 +1070,7 @@ def _mayo_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
         other_thickness.update(sorted(dose_dirs[n].name for n in dose_dirs))
       continue
     # Only names are listed here: no file of either dose is opened.
-    if not any(p.suffix.lower() in (".ima", ".dcm") for p in _dicom_files(folder)):
+    if not any(p.suffix.lower() in (".ima", ".dcm") for p in _series_files(folder, None)):
       raise InputError(f"{folder}: no .IMA or .dcm files")
     refs.append(SeriesRef(patient.name, "", folder, "mayo"))
   found = []
@@ -1114,7 +1105,7 @@ def _tcia_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
     for study in _subdirs(patient):
       found, skipped_thickness = [], []
       for series in _subdirs(study):
-        files = _dicom_files(series)
+        files = _series_files(series, None)
         if not files:
           continue
         series_seen += 1
@@ -1167,7 +1158,7 @@ def _looks_like_dicom(path: pathlib.Path) -> bool:
 def _sidecar_folder(folder: pathlib.Path) -> bool:
   """A folder of non-DICOM files only (e.g. the built-in data's ground_truth/
   of .npy volumes), which a layout walk skips rather than call broken."""
-  files = _dicom_files(folder)
+  files = _series_files(folder, None)
   return bool(files) and not _subdirs(folder) and not any(
       p.suffix.lower() in (".ima", ".dcm") or _looks_like_dicom(p) for p in files)
 
@@ -1176,11 +1167,11 @@ def _flat_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
   wanted_mm = None if thickness is None else _parse_thickness(thickness)
   subdirs = _subdirs(root)
   if not subdirs:
-    if not _dicom_files(root):
+    if not _series_files(root, None):
       raise InputError(f"dataset root {root} is empty")
     folders = [root]
   else:
-    loose = [p for p in _dicom_files(root) if _looks_like_dicom(p)]
+    loose = [p for p in _series_files(root, None) if _looks_like_dicom(p)]
     if loose:
       raise InputError(
           f"{root} holds both DICOM files ({loose[0].name}, ...) and subfolders: "
@@ -1189,7 +1180,7 @@ def _flat_series(root: pathlib.Path, dose: str, thickness: str | None) -> tuple:
     folders = subdirs
   refs, skipped_thickness = [], []
   for folder in folders:
-    files = _dicom_files(folder)
+    files = _series_files(folder, None)
     if not files:
       inside = ("only subfolders (a patient or study folder?): mixed layouts; "
                 "each subfolder of a flat root must be one series"
