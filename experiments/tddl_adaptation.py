@@ -19,7 +19,12 @@ range, for:
               same training patients (the upper bound no site has);
   blind       (``--arms=...,blind`` once ``data.blind_doses`` exists) the GCN
               on true default-kernel pairs with the dose drawn per patch;
-plus the LDCT input and BM3D (or NLM) with the noise level estimated per slice.
+  <arm>+local the same arm with the GCN's local control (``gcn_local``: every
+              graph convolution local, equal depth, width and parameters), to
+              measure what the non-local branch adds at each noise level;
+plus the LDCT input and BM3D (or NLM) with the noise level estimated per slice;
+``--extra_classical=nlm`` adds an NLM row to every condition (scored on the
+same slices, through the first arm's workdir).
 Every arm uses the same GCN size and steps; every row is scored on the same
 slices (``--max_slices`` per test patient). Same built-in seed everywhere, so
 every condition has the same patients and phantoms (different photons only
@@ -27,6 +32,7 @@ where the dose or kernel differ).
 
   python experiments/tddl_adaptation.py                    # -> runs/tddl_adaptation
   python experiments/tddl_adaptation.py --arms=single,adapted --steps=300
+  python experiments/tddl_adaptation.py --arms=blind+local,true_pairs+local@d0.10_ramp
 
 Each arm is an ordinary ``run.train_and_evaluate`` workdir (resumable); the
 evaluation on each condition is ``--mode=eval`` with data overrides
@@ -91,11 +97,26 @@ def target_ldct_tree(config, condition: dict, out_dir: str) -> str:
   return out_dir
 
 
+LOCAL_MODEL = dict(name="gcn_local", features=16, num_blocks=2, rank=11)  # configs/gcn.py:local
+
+
 def arm_config(arm: str, args, workdir: str):
-  """``arm`` is a name of ARMS or 'blind', optionally '@<condition>' for the
-  condition 'adapted' / 'true_pairs' target (default ``TARGET``)."""
-  config = base_config(args.steps, args.cache_dir)
+  """``arm`` is a name of ARMS or 'blind', optionally '+local' (the GCN's local
+  control) and '@<condition>' for the condition 'adapted' / 'true_pairs'
+  target (default ``TARGET``)."""
   arm, _, target_name = arm.partition("@")
+  arm, _, modifier = arm.partition("+")
+  if modifier not in ("", "local"):
+    raise ValueError(f"unknown arm modifier +{modifier} (known: +local)")
+  config = _arm_config(arm, target_name, args, workdir)
+  if modifier == "local":
+    assert config.model.name == "gcn", config.model.name
+    config.model = type(config.model)(LOCAL_MODEL)
+  return config
+
+
+def _arm_config(arm: str, target_name: str, args, workdir: str):
+  config = base_config(args.steps, args.cache_dir)
   target = CONDITIONS[target_name or TARGET]
   if arm == "single":
     return config
@@ -163,6 +184,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=0, help="denoiser steps (0: config default)")
   parser.add_argument("--max_slices", type=int, default=16, help="test slices per patient")
   parser.add_argument("--classical", default="auto", help="'auto' (BM3D if installed) | 'nlm'")
+  parser.add_argument("--extra_classical", default="",
+                      help="e.g. 'nlm': add that classical row to every condition")
   parser.add_argument("--blind_doses", type=float, nargs="+", default=[0.15, 0.25, 0.5])
   parser.add_argument("--cache_dir", default="")
   args = parser.parse_args(argv)
@@ -177,14 +200,15 @@ def main(argv=None):
   if os.path.exists(saved_noise):
     with open(saved_noise) as f:
       noise_reports.update(json.load(f))
-  for arm in args.arms.split(","):
-    workdir = os.path.join(args.workdir, arm.replace("@", "_"))
+  arms = [a for a in args.arms.split(",") if a]
+  for arm in arms:
+    workdir = os.path.join(args.workdir, arm.replace("@", "_").replace("+", "_"))
     config = arm_config(arm, args, workdir)
     print(f"\n=== {arm} -> {workdir}", flush=True)
     config.eval.after_training = False
     run.train_and_evaluate(config, workdir)
     for name in args.conditions.split(","):
-      first = arm == args.arms.split(",")[0] and "ldct" not in results[name]
+      first = arm == arms[0] and "ldct" not in results[name]
       report = evaluate_on(workdir, CONDITIONS[name], args.max_slices,
                            args.classical if first else "none")
       for row, values in report["mean"].items():
@@ -194,6 +218,11 @@ def main(argv=None):
       if arm.startswith("adapted") and name == (arm.partition("@")[2] or TARGET) \
           and "noise_fidelity" in report:
         noise_reports[f"{arm} on {name}"] = report["noise_fidelity"].get("markdown", "")
+  if args.extra_classical:  # scored through any trained arm's workdir (same slices)
+    workdir = os.path.join(args.workdir, (arms or ARMS)[0].replace("@", "_").replace("+", "_"))
+    for name in args.conditions.split(","):
+      report = evaluate_on(workdir, CONDITIONS[name], args.max_slices, args.extra_classical)
+      results[name][args.extra_classical] = report["mean"][args.extra_classical]
   text = (f"## TDDL adaptation to an unseen scanner (target {TARGET}; test patients, "
           f"{args.max_slices} slices each; PSNR/SSIM: HU through the window to [0, 1], "
           f"data range 1; RMSE in HU)\n\n{table(results)}\n")
