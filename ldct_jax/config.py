@@ -10,6 +10,9 @@ from ldct_jax.data.pipeline import DEFAULT_SPLIT_FRACTIONS
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  # What the run is about (ldct_jax.tasks): its reader, evaluator and predict
+  # command. 'ct_denoising' | 'mri_reconstruction'.
+  config.task = "ct_denoising"
   config.method = "supervised"
   config.seed = 0
 

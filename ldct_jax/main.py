@@ -1,11 +1,17 @@
-r"""Command line: train, evaluate or denoise with any method of ldct_jax.
+r"""Command line: train, evaluate or predict with any method and task of ldct_jax.
 
   python -m ldct_jax.main --config=configs/tddl.py
   python -m ldct_jax.main --workdir=runs/redcnn --mode=eval [--config.eval.split=all ...]
   python -m ldct_jax.main --workdir=runs/redcnn --mode=denoise \
       --input=/data/L067/quarter_1mm --output=/data/L067/redcnn_1mm
+  python -m ldct_jax.main --workdir=runs/mri_cascade --mode=reconstruct \
+      --input=/data/fastmri/file1000001.h5 --output=/data/recon
 
-Training needs ``--config``. Eval and denoise start from the run's own
+``--mode=denoise`` is the CT task's predict command (a DICOM series in, a
+denoised series out), ``--mode=reconstruct`` the MRI task's (fastMRI HDF5
+files in, reconstructions out); each refuses a run of the other task.
+
+Training needs ``--config``. Eval and predict start from the run's own
 ``<workdir>/config.json`` and apply only the ``--config.<field>=<value>``
 overrides given on their command line (typed by that saved config); a config
 file given with them is ignored. Expected input errors (a bad DICOM file, a
@@ -24,14 +30,17 @@ from ml_collections import config_flags
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory. Default for training: a fresh runs/<config>-<time>/; "
     "an existing workdir resumes.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "denoise"], "What to do.")
-_INPUT = flags.DEFINE_string("input", None, "--mode=denoise: DICOM series folder to denoise.")
-_OUTPUT = flags.DEFINE_string("output", None, "--mode=denoise: new folder for the denoised series.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "denoise", "reconstruct"],
+                          "What to do (denoise: CT runs; reconstruct: MRI runs).")
+_INPUT = flags.DEFINE_string("input", None, "--mode=denoise: DICOM series folder to denoise; "
+                             "--mode=reconstruct: a fastMRI .h5 file or a folder of them.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=denoise|reconstruct: new folder for "
+                              "the results.")
 _ALLOW_NONEMPTY = flags.DEFINE_bool(
-    "allow_nonempty_output", False, "--mode=denoise: write into an --output folder that "
+    "allow_nonempty_output", False, "--mode=denoise|reconstruct: write into an --output folder that "
     "already holds files (new files get a unique prefix; nothing is overwritten).")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                                "Which checkpoint eval/denoise use.")
+                                "Which checkpoint eval/denoise/reconstruct use.")
 _CONFIG = None  # the config flag, defined by define_config_flag() from argv
 
 
@@ -57,7 +66,7 @@ def define_config_flag(argv):
   global _CONFIG
   from ldct_jax import workdir as workdir_lib
   mode, workdir = _argv_value(argv, "mode"), _argv_value(argv, "workdir")
-  if mode in ("eval", "denoise") and workdir and os.path.exists(workdir_lib.config_path(workdir)):
+  if mode in ("eval", "denoise", "reconstruct") and workdir and os.path.exists(workdir_lib.config_path(workdir)):
     try:
       saved = workdir_lib.load_saved_config(workdir)
     except workdir_lib.InputError as e:

@@ -1,4 +1,9 @@
-"""What ``ldct_jax.main`` hands off to: train (then evaluate), evaluate, denoise a series.
+"""What ``ldct_jax.main`` hands off to: train (then evaluate), evaluate, predict.
+
+Task-agnostic: the run's task (``ldct_jax.tasks``: CT denoising, MRI
+reconstruction) supplies the dataset reader, the evaluator and the predict
+command (``--mode=denoise`` for CT, ``--mode=reconstruct`` for MRI); the
+method (``ldct_jax.methods``) supplies the stages the one loop trains.
 
 Importable from notebooks and tests: ``run.train_and_evaluate(config, workdir)``.
 """
@@ -12,11 +17,9 @@ from typing import Any, Mapping, Optional
 import jax
 
 from ldct_jax import evaluation
-from ldct_jax.data import dicom
-from ldct_jax.data.datasets import load_dataset
-from ldct_jax.data.pipeline import Normalization
 from ldct_jax.errors import InputError
 from ldct_jax.methods import build_method
+from ldct_jax.tasks import get_task, predict_modes
 from ldct_jax.train.logging import log
 from ldct_jax.train.loop import LoopConfig, restore_stage_state, run_stages
 from ldct_jax.workdir import (check_resume_compatible, enable_compilation_cache,  # noqa: F401
@@ -64,9 +67,10 @@ def default_workdir(config_path: Optional[str]) -> str:
 def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   """Trains every stage (resuming if the workdir has checkpoints), then evaluates."""
   prepare_workdir(config, workdir)
-  dataset = load_dataset(config.data)
-  log(f"data: {dataset.root} ({dataset.layout} layout), patients per split "
-      f"{ {k: len(v) for k, v in dataset.splits.items()} }")
+  task = get_task(config)
+  dataset = task.load_dataset(config)
+  log(f"data: {dataset.root} ({getattr(dataset, 'layout', task.name)} layout), "
+      f"{task.name}, subjects per split { {k: len(v) for k, v in dataset.splits.items()} }")
   method = build_method(config, dataset)
   finals = run_stages(method.stages, workdir, seed=config.seed,
                       loop_cfg=LoopConfig.from_config(config.train))
@@ -80,26 +84,27 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
 
 def evaluate(config, workdir: str, *, checkpoint: str = "best", dataset=None,
              method=None) -> dict:
-  """Evaluates the trained denoiser on ``config.eval.split``; writes ``<workdir>/eval/``.
+  """Evaluates the trained model on ``config.eval.split`` with its task's evaluator.
 
-  ``config`` should be the run's own (``workdir.run_config(workdir, overrides)``).
+  Writes ``<workdir>/eval/``. ``config`` should be the run's own
+  (``workdir.run_config(workdir, overrides)``).
   """
   _require_trained(workdir)
   enable_compilation_cache(workdir)
-  dataset = dataset or load_dataset(config.data)
+  task = get_task(config)
+  dataset = dataset or task.load_dataset(config)
   method = method or build_method(config, dataset)
   states, step = restore_all_stages(config, workdir, method, checkpoint)
   extra = {name: make_report(states, dataset)
            for name, make_report in method.extra_reports.items()}
   for name, value in extra.items():
     log(f"{name}:\n{value.get('markdown', value)}")
-  report = evaluation.run_evaluation(config, workdir, method, dataset,
-                                     states[method.denoiser_stage.name], step, extra)
+  report = task.evaluate(config, workdir, method, dataset,
+                         states[method.denoiser_stage.name], step, extra)
   if jax.process_index() == 0:
     print(f"\nEvaluation on {report['split']} split ({report['num_slices']} slices), "
-          f"checkpoint step {step}:\n{evaluation.format_table(report)}\n"
-          f"Conventions: {report['conventions']['psnr_ssim']}; windows "
-          f"{list(report['conventions']['windows'])}. Written to {workdir}/eval/", flush=True)
+          f"checkpoint step {step}:\n{task.format_report(report)}\n"
+          f"Written to {workdir}/eval/", flush=True)
   return report
 
 
@@ -116,56 +121,35 @@ def restore_all_stages(config, workdir: str, method, checkpoint: str = "best"):
   return states, step
 
 
-def check_output_dir(src: pathlib.Path, dst: pathlib.Path, allow_nonempty: bool) -> str:
-  """Refuses an output inside the input, or a non-empty one unless allowed.
+def predict(config, workdir: str, input_path: str, output_path: str, *,
+            checkpoint: str = "best", allow_nonempty_output: bool = False) -> list:
+  """The task's predict command (CT: denoise a DICOM series; MRI: reconstruct k-space).
 
-  Returns the file-name prefix to write with: '' for a new or empty folder,
-  a unique one when writing beside existing files (nothing is overwritten).
+  The task checks its input and output, then this restores the trained
+  model (every process: a collective read); only process 0 predicts and
+  writes (the others return ``[]``).
   """
-  if dst == src or src in dst.parents:
-    raise InputError(f"--output {dst} is inside the input series folder {src}; "
-                     "choose a new folder (inputs are never written to)")
-  if dst.exists() and not dst.is_dir():
-    raise InputError(f"--output {dst} exists and is not a folder")
-  if dst.is_dir() and any(dst.iterdir()):
-    if not allow_nonempty:
-      raise InputError(f"--output {dst} is not empty; choose a new folder, or pass "
-                       "--allow_nonempty_output to add the series beside its files")
-    return "denoised_" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f") + "_"
-  return ""
+  _require_trained(workdir)
+  enable_compilation_cache(workdir)
+  task = get_task(config)
+  method = build_method(config, None)
+
+  def load_state():
+    states, step = restore_all_stages(config, workdir, method, checkpoint)
+    if jax.process_index() != 0:
+      return None
+    return evaluation.process_local(states[method.denoiser_stage.name]), step
+
+  return task.predict(config, method, load_state, input_path, output_path,
+                      allow_nonempty_output=allow_nonempty_output)
 
 
 def denoise_series(config, workdir: str, input_dir: str, output_dir: str, *,
                    checkpoint: str = "best", allow_nonempty_output: bool = False) -> list:
-  """Denoises a DICOM series with a trained model and writes a new series.
-
-  The series must be what the model was trained on: CT, grayscale
-  (MONOCHROME2, or MONOCHROME1), HU through RescaleSlope/Intercept
-  (``dicom.check_ct_series``). On several processes only process 0 denoises
-  and writes (the others return ``[]``).
-  """
-  _require_trained(workdir)
-  enable_compilation_cache(workdir)
-  src, dst = pathlib.Path(input_dir).resolve(), pathlib.Path(output_dir).resolve()
-  prefix = check_output_dir(src, dst, allow_nonempty_output)
-  series = dicom.read_series(src)
-  dicom.check_ct_series(series)
-  method = build_method(config, None)
-  # Every process restores (a collective read); one series is one process's job.
-  states, step = restore_all_stages(config, workdir, method, checkpoint)
-  if jax.process_index() != 0:
-    return []
-  state = evaluation.process_local(states[method.denoiser_stage.name])
-  normalization = Normalization.from_config(config.data.normalization)
-  denoised = evaluation.denoise_volume(
-      method.denoiser(state), series.hu, normalization, slab=method.input_slab,
-      batch_size=int(config.eval.get("batch_size", 8)))
-  original = series.meta.get("SeriesDescription", "")
-  description = f"{original} denoised: ldct_jax {method.description} step {step}".strip()
-  files = dicom.write_series(denoised, dst, spacing=series.spacing, template=series,
-                             series_description=description[:64], filename_prefix=prefix)
-  print(f"wrote {len(files)} denoised slices to {dst}", flush=True)
-  return files
+  """CT: denoises a DICOM series with a trained model and writes a new series
+  (``tasks.ct.denoise_series``; the series must be CT in HU, grayscale)."""
+  return predict(config, workdir, input_dir, output_dir, checkpoint=checkpoint,
+                 allow_nonempty_output=allow_nonempty_output)
 
 
 def _require_trained(workdir: Optional[str]) -> None:
@@ -194,15 +178,19 @@ def main(config, *, mode: str, workdir: Optional[str], config_path: Optional[str
     workdir = workdir or default_workdir(config_path)
     print(f"ldct_jax: workdir {os.path.abspath(workdir)}", flush=True)
     return train_and_evaluate(config, workdir)
-  if mode not in ("eval", "denoise"):
+  if mode != "eval" and mode not in predict_modes():
     raise ValueError(f"unknown mode {mode!r}")
   _require_trained(workdir)
   enable_compilation_cache(workdir)  # before anything compiles
   if mode == "eval":
     return evaluate(run_config(workdir, overrides, action="evaluate"), workdir,
                     checkpoint=checkpoint)
+  config = run_config(workdir, overrides, action=f"{mode} with")
+  task = get_task(config)
+  if mode != task.predict_mode:
+    raise InputError(f"--mode={mode} is not a command of this run's task {task.name!r}; "
+                     f"use --mode={task.predict_mode} {task.predict_help}")
   if not input_dir or not output_dir:
-    raise InputError("--mode=denoise needs --input=<DICOM series folder> and --output=<new folder>")
-  return denoise_series(run_config(workdir, overrides, action="denoise with"), workdir,
-                        input_dir, output_dir, checkpoint=checkpoint,
-                        allow_nonempty_output=allow_nonempty_output)
+    raise InputError(f"--mode={mode} needs {task.predict_help}")
+  return predict(config, workdir, input_dir, output_dir, checkpoint=checkpoint,
+                 allow_nonempty_output=allow_nonempty_output)
