@@ -22,6 +22,8 @@ range, for:
   <arm>+local the same arm with the GCN's local control (``gcn_local``: every
               graph convolution local, equal depth, width and parameters), to
               measure what the non-local branch adds at each noise level;
+  <arm>+wide  (TDDL arms) the LDCT noise extraction's bilateral twice as wide
+              (radius 6, sigma 3 px), for correlated noise of smooth kernels;
 plus the LDCT input and BM3D (or NLM) with the noise level estimated per slice;
 ``--extra_classical=nlm`` adds an NLM row to every condition (scored on the
 same slices, through the first arm's workdir).
@@ -98,6 +100,10 @@ def target_ldct_tree(config, condition: dict, out_dir: str) -> str:
 
 
 LOCAL_MODEL = dict(name="gcn_local", features=16, num_blocks=2, rank=11)  # configs/gcn.py:local
+# A noise extraction that sees correlated (smooth-kernel) noise: the bilateral
+# twice as wide (default radius 3, sigma 1.5 px).
+WIDE_EXTRACTION = dict(bilateral_radius=6, bilateral_sigma=3.0)
+MODIFIERS = {"local": "the GCN's local control", "wide": "the wide noise extraction"}
 
 
 def arm_config(arm: str, args, workdir: str):
@@ -105,13 +111,16 @@ def arm_config(arm: str, args, workdir: str):
   control) and '@<condition>' for the condition 'adapted' / 'true_pairs'
   target (default ``TARGET``)."""
   arm, _, target_name = arm.partition("@")
-  arm, _, modifier = arm.partition("+")
-  if modifier not in ("", "local"):
-    raise ValueError(f"unknown arm modifier +{modifier} (known: +local)")
+  arm, *modifiers = arm.split("+")
+  unknown = set(modifiers) - set(MODIFIERS)
+  if unknown:
+    raise ValueError(f"unknown arm modifier(s) {sorted(unknown)} (known: {sorted(MODIFIERS)})")
   config = _arm_config(arm, target_name, args, workdir)
-  if modifier == "local":
+  if "local" in modifiers:
     assert config.model.name == "gcn", config.model.name
     config.model = type(config.model)(LOCAL_MODEL)
+  if "wide" in modifiers:
+    config.tddl.update(WIDE_EXTRACTION)
   return config
 
 
