@@ -198,7 +198,8 @@ def load_dataset(data_cfg) -> CTDataset:
     refs = _select_patients(refs, wanted, root)
     volumes, spacing, patient_of = _read_one_dose(refs, "full")
     return CTDataset(root=root, layout=refs[0].layout, volumes=volumes, spacing=spacing,
-                     splits=_split(data_cfg, root, sorted(set(patient_of.values())), wanted),
+                     splits=split_subjects(data_cfg, root, sorted(set(patient_of.values())),
+                                           wanted),
                      patient_of=patient_of, dose="full")
   if not pairs:
     raise ValueError(f"no low/full-dose patient pairs found under {root}")
@@ -212,12 +213,14 @@ def load_dataset(data_cfg) -> CTDataset:
     patient_of[key] = pair.patient_id
   ids = sorted(set(patient_of.values()))
   return CTDataset(root=root, layout=pairs[0].layout, volumes=volumes, spacing=spacing,
-                   splits=_split(data_cfg, root, ids, wanted), patient_of=patient_of,
+                   splits=split_subjects(data_cfg, root, ids, wanted), patient_of=patient_of,
                    is_builtin=is_builtin)
 
 
-def _split(data_cfg, root, ids, wanted) -> dict:
-  """Patient splits: the split file (given, or shipped with the data), else fractions."""
+def split_subjects(data_cfg, root, ids, wanted=()) -> dict:
+  """Patient (subject) splits: the split file (given, or shipped with the data as
+  ``<root>/splits.json``, unless ``wanted`` restricts the ids), else the
+  seeded fractions of ``data_cfg.split``. Shared by the CT and MRI readers."""
   split_cfg = data_cfg.get("split", {})
   split_file = split_cfg.get("file", "auto")
   if split_file == "auto":  # a split list shipped with the data, else fractions
