@@ -31,7 +31,9 @@ import jax
 import numpy as np
 
 from ldct_jax import metrics as metrics_lib
-from ldct_jax.data.pipeline import Normalization, Volume, iterate_slices
+from ldct_jax.data.pipeline import (Normalization, Volume, iterate_slices,
+                                    short_volume_padding)
+from ldct_jax.train.logging import log
 from ldct_jax.windows import apply_window, get_window
 
 IMAGE_METRICS = ("psnr", "ssim")
@@ -49,7 +51,13 @@ def denoise_volume(denoise_fn: Callable, ld_hu: np.ndarray, normalization: Norma
   """Denoises every slice of a (D, H, W) HU volume; returns (D, H, W) HU float32.
 
   Batches are padded to ``batch_size`` so the jitted denoiser compiles once.
+  A series with fewer slices than a slab model reads (down to one slice) is
+  padded by edge replication (``pipeline.short_volume_padding``), and the log
+  says so.
   """
+  if short_volume_padding(ld_hu.shape[0], slab):
+    log(f"series of {ld_hu.shape[0]} slice(s) is shorter than the model's slab of {slab}: "
+        "padded by edge replication (its first/last slice repeated)")
   out = np.empty(ld_hu.shape, np.float32)
   volume = Volume("eval", {"ld": ld_hu})
   for indices, batch in iterate_slices(volume, keys=("ld",), normalization=normalization,

@@ -13,6 +13,10 @@ Conventions:
     1, slice D is slice D-2, no repeated edge slice), in training and in
     ``iterate_slices`` alike, so every slice can be sampled during training and
     gets an output at evaluation, and both see the same kind of edge slab.
+    A volume with fewer slices than the slab (down to one slice) is padded by
+    edge replication instead (slice -1 is slice 0, slice D is slice D-1):
+    reflection would bounce back and forth through so short a volume, putting
+    far slices next to the centre (``short_volume_padding``).
   * ``batch_size`` is always the GLOBAL batch size. Each host produces its
     share ``batch_size // jax.process_count()`` and ``to_global_batch``
     assembles the global ``jax.Array`` sharded over the mesh axis ``'data'``.
@@ -319,10 +323,25 @@ def _reflect(index: np.ndarray, depth: int) -> np.ndarray:
   return np.where(folded >= depth, period - folded, folded)
 
 
+def short_volume_padding(depth: int, slab: int) -> bool:
+  """Whether a ``depth``-slice volume is edge-padded (not reflected) for ``slab``.
+
+  Fewer slices than the slab: reflection would have to bounce (a 2-slice
+  volume read as a 5-slab would be 0 1 0 1 0), so such a volume repeats its
+  first and last slices instead (0 0 0 1 1), the way a scanner's thin series
+  is extended; a single slice becomes a slab of copies of itself.
+  """
+  return depth < slab
+
+
 def _slab_indices(centers: np.ndarray, slab: int, depth: int) -> np.ndarray:
-  """(n,) centre slices -> (n, slab) reflected slice indices."""
+  """(n,) centre slices -> (n, slab) neighbour indices: reflected, or edge-
+  replicated for volumes shorter than the slab (``short_volume_padding``)."""
   offsets = np.arange(slab) - slab // 2
-  return _reflect(np.asarray(centers)[:, None] + offsets[None, :], depth)
+  index = np.asarray(centers)[:, None] + offsets[None, :]
+  if short_volume_padding(depth, slab):
+    return np.clip(index, 0, depth - 1)
+  return _reflect(index, depth)
 
 
 def _check_slab(slab: int) -> None:
@@ -614,7 +633,8 @@ def iterate_slices(
     keys: arrays to return.
     normalization: HU -> model units.
     slab: 1 for 2D ``(n, H, W, 1)``; odd ``k`` for ``(n, k, H, W, 1)`` centred
-      on each slice, reflected neighbours at the ends.
+      on each slice, reflected neighbours at the ends (edge-replicated when
+      the volume has fewer than ``k`` slices, ``short_volume_padding``).
     batch_size: slices per batch; the last batch may be smaller.
     pad_to_batch: repeat the last slice so every batch has ``batch_size`` rows
       (one compiled shape; divisible by the device count if ``batch_size`` is).
