@@ -18,6 +18,7 @@ MODELS = {
     "noise_vae": ("ldct_jax.models.vae", "NoiseVAE"),
     "cpce2d": ("ldct_jax.models.cpce", "CPCE2D"),
     "cpce3d": ("ldct_jax.models.cpce", "CPCE3D"),
+    "deep_cascade": ("ldct_jax.models.cascade", "DeepCascade"),
 }
 
 
