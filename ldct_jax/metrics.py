@@ -619,3 +619,59 @@ def window_metrics(pred_hu, target_hu, window: windows.WindowLike,
   results["window"] = window.as_dict()
   results["data_range"] = data_range
   return results
+
+
+# --------------------------------------------------------------------------
+# MRI reconstruction metrics, in the fastMRI convention (facebookresearch/
+# fastMRI, ``fastmri/evaluate.py``): on MAGNITUDE images, per VOLUME (all
+# slices of one file), with the data range set to the ground-truth volume's
+# maximum. SSIM is skimage's default (uniform 7x7 window, sample covariance,
+# K1 = 0.01, K2 = 0.03) per slice, averaged over the slices; PSNR uses the MSE
+# over the whole volume.
+
+MRI_METRIC_CONVENTIONS = {
+    "source": "fastMRI evaluate.py",
+    "images": "magnitude, centre-cropped to the reconstruction size",
+    "per": "volume",
+    "data_range": "max of the ground-truth volume",
+    "nmse": "||gt - pred||^2 / ||gt||^2 over the volume",
+    "psnr": "10 log10(data_range^2 / MSE over the volume)",
+    "ssim": "mean over slices of skimage structural_similarity (7x7 uniform window, "
+            "sample covariance, K1=0.01, K2=0.03)",
+}
+_FASTMRI_SSIM = dict(win_size=7, gaussian_weights=False, use_sample_covariance=True)
+
+
+def _mri_volumes(gt, pred, name: str):
+  gt, pred = _as_float(gt), _as_float(pred)
+  if gt.ndim != 3 or gt.shape != pred.shape:
+    raise ValueError(f"{name} expects two magnitude volumes (slices, H, W) of equal shape, "
+                     f"got {gt.shape} and {pred.shape}")
+  return gt, pred
+
+
+def mri_nmse(gt, pred) -> jnp.ndarray:
+  """fastMRI NMSE of a volume, ``||gt - pred||^2 / ||gt||^2`` (scalar)."""
+  gt, pred = _mri_volumes(gt, pred, "mri_nmse")
+  return jnp.sum(jnp.square(gt - pred)) / jnp.sum(jnp.square(gt))
+
+
+def mri_psnr(gt, pred, data_range=None) -> jnp.ndarray:
+  """fastMRI PSNR of a volume in dB; ``data_range`` defaults to ``gt.max()`` (scalar)."""
+  gt, pred = _mri_volumes(gt, pred, "mri_psnr")
+  data_range = jnp.max(gt) if data_range is None else _as_float(data_range)
+  return 10.0 * jnp.log10(jnp.square(data_range) / jnp.mean(jnp.square(gt - pred)))
+
+
+def mri_ssim(gt, pred, data_range=None) -> jnp.ndarray:
+  """fastMRI SSIM of a volume: the mean of per-slice skimage-default SSIMs, data range ``gt.max()``."""
+  gt, pred = _mri_volumes(gt, pred, "mri_ssim")
+  data_range = jnp.max(gt) if data_range is None else _as_float(data_range)
+  return jnp.mean(ssim(pred[..., None], gt[..., None], data_range, **_FASTMRI_SSIM))
+
+
+def mri_volume_metrics(gt, pred) -> dict:
+  """``{'nmse', 'psnr', 'ssim'}`` (floats) of one volume, plus the data range used."""
+  data_range = float(jnp.max(_as_float(gt)))
+  return {"nmse": float(mri_nmse(gt, pred)), "psnr": float(mri_psnr(gt, pred, data_range)),
+          "ssim": float(mri_ssim(gt, pred, data_range)), "data_range": data_range}
