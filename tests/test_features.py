@@ -226,3 +226,122 @@ def test_unpickler_admits_only_numpy_arrays(tmp_path):
   loaded = features.load_arrays_pickle(str(ok))
   np.testing.assert_array_equal(loaded["a"], arrays["a"])
   assert loaded["b"][0] == 2.5
+
+
+def random_layers(depth, seed):
+  """He-scaled random (kernel HWIO, bias) float32 per VGG``depth`` layer."""
+  rng = np.random.default_rng(seed)
+  return {name: (rng.standard_normal(k, np.float32) * np.float32(np.sqrt(2 / (9 * k[2]))),
+                 rng.standard_normal(b, np.float32) * np.float32(0.1))
+          for name, (k, b) in features.layer_shapes(depth).items()}
+
+
+def rgb_images(n, size, seed):
+  """Colour images in [0, 1]: the channel order matters for them, unlike for gray CT."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size] / size
+  base = np.stack([np.sin(5 * xx), np.cos(4 * yy), xx * yy], -1) * 0.4 + 0.5
+  return np.clip(base + rng.normal(0, 0.1, (n, size, size, 3)), 0, 1)
+
+
+def test_convert_keras_h5_vgg19_matches_keras_preprocessing(tmp_path):
+  """Keras layout written by h5py; the reference applies Keras' caffe preprocessing
+  (RGB -> BGR, 0..255, minus the BGR mean pixel) to the original kernels."""
+  h5py = pytest.importorskip("h5py")
+  from ldct_jax.tools import convert_vgg
+  layers = random_layers(19, seed=7)
+  src = str(tmp_path / "vgg19_notop.h5")
+  with h5py.File(src, "w") as f:
+    f.attrs["layer_names"] = [f"block{n[4]}_conv{n[6]}".encode() for n in layers]
+    for name, (kernel, bias) in layers.items():
+      group = f.create_group(f"block{name[4]}_conv{name[6]}")
+      names = [f"{group.name[1:]}/kernel:0", f"{group.name[1:]}/bias:0"]
+      group.attrs["weight_names"] = [n.encode() for n in names]
+      group[names[0]], group[names[1]] = kernel, bias
+  dst = str(tmp_path / "vgg19.npz")
+  assert convert_vgg.main([src, dst]) == 0
+  weights = features.load_vgg(dst, depth=19)
+  rgb = rgb_images(1, 32, seed=8)
+  got = features.VGG(depth=19, taps=("conv5_4",)).apply(
+      weights.variables(("conv5_4",)),
+      jnp.asarray((rgb - np.array(weights.mean)) / np.array(weights.std), jnp.float32))["conv5_4"]
+  keras_input = 255.0 * rgb[..., ::-1] - np.array([103.939, 116.779, 123.68])
+  want = np_vgg(keras_input, [(k.astype(np.float64), b.astype(np.float64))
+                              for k, b in layers.values()], (2, 2, 4, 4, 4))["conv5_4"]
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                             atol=2e-4 * np.abs(want).max())
+
+
+def np_conv3x3_oihw(x, weight, bias):
+  """PyTorch's Conv2d(padding=1) by its definition: out[o] = sum_i,dy,dx w[o,i,dy,dx] x[i, y+dy-1, x+dx-1]."""
+  h, w = x.shape[1:3]
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  windows = np.stack([np.stack([padded[:, dy:dy + h, dx:dx + w] for dx in range(3)], -1)
+                      for dy in range(3)], -2)  # (B, H, W, I, dy, dx)
+  return np.einsum("bhwiyx,oiyx->bhwo", windows, weight) + bias
+
+
+def torchvision_state(depth, seed):
+  """A random torchvision ``vgg{depth}`` state_dict (features + a classifier entry), NumPy."""
+  from ldct_jax.tools.convert_vgg import torchvision_feature_indices
+  rng = np.random.default_rng(seed)
+  state = {"classifier.0.weight": np.zeros((4, 4), np.float32)}
+  for index, (k, b) in zip(torchvision_feature_indices(depth),
+                           features.layer_shapes(depth).values()):
+    state[f"features.{index}.weight"] = (rng.standard_normal((k[3], k[2], 3, 3), np.float32)
+                                         * np.float32(np.sqrt(2 / (9 * k[2]))))
+    state[f"features.{index}.bias"] = rng.standard_normal(b, np.float32) * np.float32(0.1)
+  return state
+
+
+def check_torchvision_conversion(state, dst):
+  weights = features.load_vgg(dst, depth=16)
+  assert weights.mean == pytest.approx(features.IMAGENET_MEAN)
+  assert weights.std == pytest.approx(features.IMAGENET_STD)
+  rgb = rgb_images(1, 32, seed=9)
+  x = (rgb - np.array(features.IMAGENET_MEAN)) / np.array(features.IMAGENET_STD)
+  got = features.VGG(depth=16, taps=("conv3_3",)).apply(
+      weights.variables(("conv3_3",)), jnp.asarray(x, jnp.float32))["conv3_3"]
+  indices = (0, 2, 5, 7, 10, 12, 14)  # torchvision's vgg16 features.N, up to conv3_3
+  want = x
+  for n, index in enumerate(indices):
+    if n in (2, 4):
+      want = np_maxpool(want)
+    want = np.maximum(np_conv3x3_oihw(want, state[f"features.{index}.weight"].astype(np.float64),
+                                      state[f"features.{index}.bias"].astype(np.float64)), 0)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                             atol=2e-4 * np.abs(want).max())
+
+
+def test_convert_torchvision_state_dict_npz(tmp_path):
+  from ldct_jax.tools import convert_vgg
+  state = torchvision_state(16, seed=10)
+  src = str(tmp_path / "vgg16_state.npz")
+  np.savez(src, **state)
+  dst = str(tmp_path / "vgg16.npz")
+  assert convert_vgg.main([src, dst]) == 0
+  check_torchvision_conversion(state, dst)
+  bn = dict(state, **{"features.1.running_mean": np.zeros(64, np.float32)})
+  np.savez(src, **bn)
+  with pytest.raises(InputError, match="batch-normalised"):
+    convert_vgg.convert(src, dst)
+
+
+def test_convert_torch_pth(tmp_path, capsys):
+  """With PyTorch: a real torch.save file. Without it (the usual case here), the
+  clear error that says how to export the state_dict instead."""
+  from ldct_jax.tools import convert_vgg
+  src = str(tmp_path / "vgg16.pth")
+  try:
+    import torch
+  except ImportError:
+    with open(src, "wb") as f:
+      f.write(b"PK")  # never read: the missing PyTorch is reported first
+    assert convert_vgg.main([src, str(tmp_path / "out.npz")]) == 2
+    assert "needs PyTorch" in capsys.readouterr().err
+    return
+  state = torchvision_state(16, seed=11)
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, src)
+  dst = str(tmp_path / "vgg16.npz")
+  assert convert_vgg.main([src, dst]) == 0
+  check_torchvision_conversion(state, dst)
