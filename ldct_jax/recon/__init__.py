@@ -1,0 +1,1 @@
+"""Classical (non-learnt) reconstructions: the baselines learnt methods are compared with."""
