@@ -17,6 +17,7 @@ from ldct_jax.train.loop import Stage
 METHODS = {
     "supervised": "ldct_jax.methods.supervised",
     "tddl": "ldct_jax.methods.tddl",
+    "wgan": "ldct_jax.methods.wgan",
     "mri_supervised": "ldct_jax.methods.mri_supervised",
 }
 

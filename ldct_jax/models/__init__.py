@@ -19,6 +19,8 @@ MODELS = {
     "cpce2d": ("ldct_jax.models.cpce", "CPCE2D"),
     "cpce3d": ("ldct_jax.models.cpce", "CPCE3D"),
     "deep_cascade": ("ldct_jax.models.cascade", "DeepCascade"),
+    "wgan_vgg": ("ldct_jax.models.wgan_vgg", "WGANVGGGenerator"),
+    "critic": ("ldct_jax.models.critic", "Critic"),
 }
 
 

