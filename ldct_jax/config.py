@@ -81,5 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
       max_slices=0,              # 0 = every slice
       val_max_slices=8,          # slices per validation patient during training
       classical="auto",          # 'auto' (BM3D if installed, else NLM) | 'bm3d' | 'nlm' | 'none'
+      # Texture columns against NDCT (ldct_jax/texture.py), in the first window:
+      # 'lpips' (LPIPS-VGG; the slowest, ~0.3-0.5 s per 256^2 slice and row on
+      # 2 CPU cores), 'nps' (NPS error, flat soft tissue), 'glcm' (GLCM
+      # property differences), 'hf_ratio' (high-frequency power ratio). () = none.
+      texture=("lpips", "nps", "glcm", "hf_ratio"),
       after_training=True))
   return config

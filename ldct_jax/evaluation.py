@@ -9,6 +9,11 @@ Conventions (stored with every number in ``metrics.json``):
   * RMSE is in HU on the unwindowed images.
   * Means are over slices (every slice of every patient weighs the same), as
     in the papers' tables; per-patient means are stored too.
+  * Texture columns (``config.eval.texture``, ``ldct_jax.texture``): LPIPS-VGG,
+    NPS error, GLCM property differences and the high-frequency power ratio,
+    each against the NDCT, on every row alike (LPIPS and GLCM see HU through
+    the first window; NPS and HF power use HU); their exact definitions are
+    stored under ``conventions['texture']``.
   * The rows are: 'ldct' (the input), the model, and a classical baseline
     (BM3D if the ``bm3d`` package is installed, otherwise non-local means).
 
@@ -25,12 +30,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
 
 from ldct_jax import metrics as metrics_lib
+from ldct_jax import texture as texture_lib
 from ldct_jax.data.pipeline import (Normalization, Volume, iterate_slices,
                                     short_volume_padding)
 from ldct_jax.train.logging import log
@@ -129,8 +136,12 @@ def score_volume(pred_hu: np.ndarray, nd_hu: np.ndarray, windows) -> Dict[str, n
 
 
 def _mean(rows: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
+  # Texture columns are NaN on slices without soft tissue: means skip them
+  # (all-NaN stays NaN, without NumPy's warning).
   keys = rows[0].keys()
-  return {k: float(np.mean(np.concatenate([r[k] for r in rows]))) for k in keys}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return {k: float(np.nanmean(np.concatenate([r[k] for r in rows]))) for k in keys}
 
 
 def process_local(tree):
@@ -170,7 +181,8 @@ def gather_from_processes(obj) -> list:
 
 
 def evaluate_volumes(volumes: Sequence[Volume], predictors: Dict[str, Callable], windows,
-                     *, max_slices: Optional[int] = None, keep_images: bool = False) -> dict:
+                     *, max_slices: Optional[int] = None, keep_images: bool = False,
+                     texture: Optional[texture_lib.TextureScorer] = None) -> dict:
   """Scores each predictor (name -> ``fn(ld_hu volume) -> hu volume``) and the LDCT input.
 
   Returns ``{'patients': {id: {row: means}}, 'mean': {row: slice-weighted means},
@@ -191,6 +203,9 @@ def evaluate_volumes(volumes: Sequence[Volume], predictors: Dict[str, Callable],
     ld, nd = ld[pick], nd[pick]
     outputs = {"ldct": ld, **{name: fn(ld) for name, fn in predictors.items()}}
     scores = {row: score_volume(pred, nd, windows) for row, pred in outputs.items()}
+    if texture is not None:  # all rows at once: the NDCT's side is computed once
+      for row, columns in texture.score_rows(outputs, nd).items():
+        scores[row].update(columns)
     images = None
     if keep_images:
       z = nd.shape[0] // 2
@@ -218,7 +233,8 @@ def evaluate_volumes(volumes: Sequence[Volume], predictors: Dict[str, Callable],
   return report
 
 
-def conventions(windows) -> dict:
+def conventions(windows, texture: Optional[texture_lib.TextureScorer] = None) -> dict:
+  extra = {"texture": texture.conventions()} if texture is not None and texture.metrics else {}
   return {
       "windows": {get_window(w).name or get_window(w).describe(): get_window(w).as_dict()
                   for w in windows},
@@ -226,6 +242,7 @@ def conventions(windows) -> dict:
                    "SSIM Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03",
       "rmse_hu": "RMSE in HU on unwindowed images",
       "mean": "over slices, every slice of every patient weighs the same",
+      **extra,
   }
 
 
@@ -313,9 +330,13 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int,
     raise ValueError(f"eval split {split!r} has no patients (splits: "
                      f"{ {k: len(v) for k, v in dataset.splits.items()} }); use more patients "
                      "or --config.eval.split=all")
+  # Texture in the first window; configs saved before eval.texture existed get all of it.
+  texture = texture_lib.TextureScorer(
+      tuple(config.eval.get("texture", texture_lib.TEXTURE_METRICS)), windows[0])
   report = evaluate_volumes(volumes, predictors, windows,
-                            max_slices=config.eval.get("max_slices") or None, keep_images=True)
-  report = {"conventions": conventions(windows), "split": split,
+                            max_slices=config.eval.get("max_slices") or None, keep_images=True,
+                            texture=texture if texture.metrics else None)
+  report = {"conventions": conventions(windows, texture), "split": split,
             "data_root": str(dataset.root), "model": method.description,
             "checkpoint_step": int(step), **report, **(extra_reports or {})}
   out_dir = os.path.join(workdir, "eval")

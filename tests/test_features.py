@@ -96,13 +96,12 @@ def ct_images(n, size, seed):
   return (base + rng.normal(0, 40, (n, size, size))).astype(np.float32)
 
 
-@pytest.mark.parametrize("lowering", ["auto", "xla"])
-def test_vgg16_features_match_numpy_float64(shipped, lowering):
+def test_vgg16_features_match_numpy_float64(shipped):
   path, layers, _ = shipped
   taps = ("conv1_1", "conv2_2", "conv3_3", "conv4_1", "conv5_3")
   hu = ct_images(2, 32, seed=0)
   weights = features.load_vgg("lpips_vgg16")
-  model = features.VGG(depth=16, taps=taps, lowering=lowering)
+  model = features.VGG(depth=16, taps=taps)
   got = model.apply(weights.variables(taps), features.ct_to_vgg_input(hu, "abdomen"))
   x = np.repeat(np_window(hu, -160, 240)[..., None], 3, -1)
   x = (x - np.array(features.IMAGENET_MEAN)) / np.array(features.IMAGENET_STD)
@@ -125,10 +124,12 @@ def test_lpips_matches_numpy_float64(shipped):
   want = np_lpips(noisy, np.repeat(nd, 3, 0), layers, heads, -160, 240)
   np.testing.assert_allclose(got, want, rtol=2e-4)
   assert want[2] < want[1]
-  pairwise = np.asarray(lpips(variables, noisy[:2], noisy[1:]))  # pair by pair
-  np.testing.assert_allclose(pairwise, np_lpips(noisy[:2], noisy[1:], layers, heads, -160, 240),
-                             rtol=2e-4)
-  np.testing.assert_allclose(np.asarray(lpips(variables, nd, nd)), 0.0, atol=1e-6)
+  others = noisy[[1, 0, 2]]  # pair by pair; the last pair is one image twice
+  pairwise = np.asarray(lpips(variables, noisy, others), np.float64)
+  np.testing.assert_allclose(pairwise[:2], np_lpips(noisy[:2], others[:2], layers, heads,
+                                                    -160, 240), rtol=2e-4)
+  assert pairwise[0] == pytest.approx(pairwise[1], rel=1e-5)  # symmetric
+  assert abs(pairwise[2]) < 1e-6
 
 
 def test_perceptual_loss_is_feature_mse_in_model_units(shipped):

@@ -57,6 +57,7 @@ the ImageNet normalisation above written in [-1, 1] units.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import os
@@ -478,6 +479,9 @@ def make_lpips(window: WindowLike, weights: str = "lpips_vgg16", *,
     raise InputError(f"{vgg.source}: has no LPIPS linear heads; LPIPS needs 'lpips_vgg16'")
   variables = {"vgg": vgg.variables(LPIPS_TAPS),
                "heads": [jnp.asarray(h) for h in vgg.lpips_heads]}
-  window = get_window(window)
-  fn = jax.jit(lambda v, x, y: lpips_distance(v, x, y, window=window, lowering=lowering))
-  return fn, variables
+  return functools.partial(_lpips_jit, window=get_window(window), lowering=lowering), variables
+
+
+# One jitted function for every make_lpips call (a Window is hashable, so static):
+# evaluations that build their scorer anew reuse its compilations.
+_lpips_jit = jax.jit(lpips_distance, static_argnames=("window", "lowering"))
