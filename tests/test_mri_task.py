@@ -70,3 +70,113 @@ def test_two_dimensional_masks_refuse_oversampled_readout():
   with pytest.raises(ValueError, match="column masks"):
     mri_pipeline.check_mask_kind("variable_density_2d", 32, 16, "f.h5")
   mri_pipeline.check_mask_kind("variable_density_2d", 16, 16, "f.h5")
+
+
+# ----------------------------------------------------------------- end to end
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import h5py  # noqa: E402
+
+from ldct_jax import run  # noqa: E402
+from ldct_jax.data import fastmri  # noqa: E402
+from ldct_jax.errors import InputError  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(cache_dir, **builtin):
+  sys.path.insert(0, str(REPO))
+  from configs import mri_cascade
+  config = mri_cascade.get_config()
+  config.model.update(dict(num_cascades=2, depth=3, features=8))
+  config.train.update(dict(num_steps=4, eval_every=2, checkpoint_every=2, log_every=2,
+                           tensorboard=False))
+  config.data.builtin_mri.update(dict(num_phantoms=3, slices_per_subject=3, size=24, **builtin))
+  config.data.batch_size = 2
+  config.data.cache_dir = str(cache_dir)
+  config.eval.update(dict(cs_lambdas=(1e-3,), cs_iters=(5, 10), batch_size=2))
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("mri")
+  workdir = str(tmp / "run")
+  config = tiny_config(tmp / "cache", readout_oversampling=2)
+  report = run.train_and_evaluate(config, workdir)
+  return config, workdir, report, tmp
+
+
+def test_train_eval_report_matches_an_independent_computation(trained):
+  from skimage.metrics import peak_signal_noise_ratio
+  config, workdir, report, _ = trained
+  assert set(report["mean"]) == {"zero_filled", "cs_tv", "model"}
+  assert set(report["mean"]["model"]) == {"psnr", "ssim", "nmse", "seconds_per_slice"}
+  saved = json.loads(pathlib.Path(workdir, "eval", "metrics.json").read_text())
+  assert saved["mean"] == report["mean"] and saved["conventions"]["cs_tv"]["num_iters"] in (5, 10)
+  assert list(pathlib.Path(workdir, "eval", "panels").glob("*.png"))
+  # zero-filled PSNR of each test volume, from the file with NumPy + scikit-image:
+  from ldct_jax.tasks import mri as mri_task
+  dataset = mri_task.load_dataset(config)
+  psnrs = []
+  for f in dataset.split("test"):
+    assert f.kspace_shape[-2] == 2 * f.recon_size[0]  # oversampled readout, cropped
+    mask = mri_task.eval_mask(config, f)
+    h, w = f.recon_size
+    zf, ref = [], []
+    for z in range(f.num_slices):
+      k = f.read_kspace(z).astype(np.complex128)
+      image = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k), norm="ortho"))
+      top = (image.shape[0] - h) // 2
+      image = image[top:top + h]  # readout crop, then undersample the cropped grid
+      kc = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(image), norm="ortho"))
+      x = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kc * mask), norm="ortho"))
+      left = (x.shape[1] - w) // 2
+      zf.append(np.abs(x)[:, left:left + w])
+      ref.append(f.read_target(z))
+    zf, ref = np.stack(zf), np.stack(ref).astype(np.float64)
+    psnrs.append(peak_signal_noise_ratio(ref, zf, data_range=ref.max()))
+  assert report["mean"]["zero_filled"]["psnr"] == pytest.approx(np.mean(psnrs), abs=1e-3)
+
+
+def test_reconstruct_command_writes_new_files_and_uses_a_files_own_mask(trained):
+  config, workdir, _, tmp = trained
+  from ldct_jax.tasks import mri as mri_task
+  dataset = mri_task.load_dataset(config)
+  source = dataset.split("test")[0]
+  k = np.stack([source.read_kspace(z) for z in range(source.num_slices)])
+  own = np.zeros(k.shape[-1], np.float32)
+  own[::3] = 1
+  own[k.shape[-1] // 2 - 2:k.shape[-1] // 2 + 2] = 1
+  inputs = tmp / "inputs"
+  inputs.mkdir()
+  fastmri.write_fastmri_file(inputs / "undersampled.h5", k * own, None, mask=own,
+                             recon_size=source.recon_size)
+  before = (inputs / "undersampled.h5").read_bytes()
+  out = tmp / "recon"
+  result = subprocess.run(
+      [sys.executable, "-m", "ldct_jax.main", f"--workdir={workdir}", "--mode=reconstruct",
+       f"--input={inputs}", f"--output={out}"], capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 0, result.stderr
+  assert (inputs / "undersampled.h5").read_bytes() == before
+  with h5py.File(out / "undersampled.h5", "r") as h:
+    recon = h["reconstruction"][()]
+    assert recon.shape == (source.num_slices,) + tuple(source.recon_size)
+    assert "own mask" in h.attrs["undersampling"]
+  with pytest.raises(InputError, match="not empty"):
+    run.main(None, mode="reconstruct", workdir=workdir, input_dir=str(inputs),
+             output_dir=str(out))
+  with pytest.raises(InputError, match="--mode=reconstruct"):
+    run.main(None, mode="denoise", workdir=workdir, input_dir=str(inputs),
+             output_dir=str(tmp / "other"))
+
+
+def test_ct_runs_refuse_reconstruct(tmp_path):
+  from ldct_jax.tasks import get_task
+  from ml_collections import ConfigDict
+  assert get_task(ConfigDict({})).predict_mode == "denoise"  # configs saved before tasks
+  assert get_task(ConfigDict({"task": "mri_reconstruction"})).predict_mode == "reconstruct"

@@ -238,7 +238,8 @@ def ismrmrd_header(encoded_size: Sequence[int], recon_size: Sequence[int],
 def write_fastmri_file(path, kspace: np.ndarray, target: Optional[np.ndarray] = None, *,
                        recon_key: str = "reconstruction_esc", mask: Optional[np.ndarray] = None,
                        attrs: Optional[Mapping] = None,
-                       fov_mm: Optional[Sequence[float]] = None) -> pathlib.Path:
+                       fov_mm: Optional[Sequence[float]] = None,
+                       recon_size: Optional[Sequence[int]] = None) -> pathlib.Path:
   """Writes a fastMRI single-coil file (atomically: a temporary file renamed into place).
 
   Args:
@@ -250,6 +251,8 @@ def write_fastmri_file(path, kspace: np.ndarray, target: Optional[np.ndarray] = 
     attrs: more attributes (e.g. ``acquisition``, ``patient_id``); ``max``
       and ``norm`` are those of ``target`` unless given.
     fov_mm: field of view of the reconstruction, (rows, columns), for the header.
+    recon_size: the header's reconstruction size (h, w) when there is no
+      ``target`` (a test-set file); default the k-space size.
 
   Returns:
     ``path``.
@@ -261,7 +264,7 @@ def write_fastmri_file(path, kspace: np.ndarray, target: Optional[np.ndarray] = 
   if recon_key not in RECON_KEYS:
     raise ValueError(f"recon_key must be one of {RECON_KEYS}, got {recon_key!r}")
   num_slices, height, width = kspace.shape
-  recon_size = (height, width)
+  recon_size = tuple(int(s) for s in recon_size) if recon_size else (height, width)
   meta = {"acquisition": "UNKNOWN", "patient_id": path.stem}
   if target is not None:
     target = np.asarray(target, np.float32)
