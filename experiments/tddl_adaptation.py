@@ -24,6 +24,7 @@ range, for:
               measure what the non-local branch adds at each noise level;
   <arm>+wide  (TDDL arms) the LDCT noise extraction's bilateral twice as wide
               (radius 6, sigma 3 px), for correlated noise of smooth kernels;
+              ``+mid``: 1.5x as wide (radius 4, sigma 2.25 px);
 plus the LDCT input and BM3D (or NLM) with the noise level estimated per slice;
 ``--extra_classical=nlm`` adds an NLM row to every condition (scored on the
 same slices, through the first arm's workdir).
@@ -103,7 +104,9 @@ LOCAL_MODEL = dict(name="gcn_local", features=16, num_blocks=2, rank=11)  # conf
 # A noise extraction that sees correlated (smooth-kernel) noise: the bilateral
 # twice as wide (default radius 3, sigma 1.5 px).
 WIDE_EXTRACTION = dict(bilateral_radius=6, bilateral_sigma=3.0)
-MODIFIERS = {"local": "the GCN's local control", "wide": "the wide noise extraction"}
+MID_EXTRACTION = dict(bilateral_radius=4, bilateral_sigma=2.25)  # between default and wide
+MODIFIERS = {"local": "the GCN's local control", "wide": "the wide noise extraction",
+             "mid": "the noise extraction 1.5x as wide"}
 
 
 def arm_config(arm: str, args, workdir: str):
@@ -121,6 +124,8 @@ def arm_config(arm: str, args, workdir: str):
     config.model = type(config.model)(LOCAL_MODEL)
   if "wide" in modifiers:
     config.tddl.update(WIDE_EXTRACTION)
+  if "mid" in modifiers:
+    config.tddl.update(MID_EXTRACTION)
   return config
 
 
@@ -160,6 +165,7 @@ def evaluate_on(workdir: str, condition: dict, max_slices: int, classical: str) 
                "eval.split": "test"}
   saved = run.run_config(workdir, {})
   overrides = {k: v for k, v in overrides.items() if _has(saved, k)}
+  overrides["eval.texture"] = ()  # PSNR/SSIM/RMSE only here (LPIPS costs ~2 s a slice on CPU)
   return run.main(None, mode="eval", workdir=workdir, overrides=overrides)
 
 
