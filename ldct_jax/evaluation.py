@@ -290,11 +290,24 @@ def save_panel(path: str, ld: np.ndarray, pred: np.ndarray, nd: np.ndarray, wind
   image.save(path)
 
 
+def _json_safe(value):
+  """NaN/inf -> None (JSON null): strict JSON has no NaN, and a metric that could
+  not be computed (a texture column of a slice without soft tissue) is missing."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, float) and not np.isfinite(value):
+    return None
+  return value
+
+
 def write_report(report: dict, path: str) -> None:
-  serialisable = {k: v for k, v in report.items() if k != "images"}
+  """``report`` minus its images as strict JSON (non-finite numbers as null), atomically."""
+  serialisable = _json_safe({k: v for k, v in report.items() if k != "images"})
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(serialisable, f, indent=2)
+    json.dump(serialisable, f, indent=2, allow_nan=False)
   os.replace(tmp, path)
 
 

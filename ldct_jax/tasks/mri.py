@@ -27,7 +27,6 @@ undersampled with the run's mask (retrospective), and the output says which.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -41,7 +40,8 @@ from ldct_jax import metrics as metrics_lib
 from ldct_jax.data import builtin_mri, fastmri, mri_pipeline
 from ldct_jax.data.datasets import split_subjects
 from ldct_jax.errors import InputError
-from ldct_jax.evaluation import gather_from_processes, process_local, spread_slices
+from ldct_jax.evaluation import (gather_from_processes, process_local, spread_slices,
+                                 write_report)
 from ldct_jax.physics import mri
 from ldct_jax.recon import cs
 from ldct_jax.tasks import Task, check_output_dir
@@ -293,10 +293,7 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int,
   out_dir = os.path.join(workdir, "eval")
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    serialisable = {k: v for k, v in report.items() if k != "images"}
-    with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as fh:
-      json.dump(serialisable, fh, indent=2)
-    os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
+    write_report(report, os.path.join(out_dir, "metrics.json"))
     for name, images in report["images"].items():
       save_panel(os.path.join(out_dir, "panels", f"{name}_z{images['z']:03d}.png"), images)
   return report
