@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ldct_jax.data import builtin, dicom
+from ldct_jax.data import builtin, dicom, gaussian
 from ldct_jax.errors import InputError
 from ldct_jax.data.pipeline import (DEFAULT_SPLIT_FRACTIONS, Volume, load_split_file,
                                    split_patients)
@@ -181,8 +181,14 @@ def load_dataset(data_cfg) -> CTDataset:
   A tree of LD/ND pairs gives paired volumes. A tree with full-dose series
   only (Mayo/TCIA with no low-dose series, or a flat folder of series, taken
   as full dose) gives ND-only volumes (``dose='full'``), split the same way.
-  Any other tree that does not pair up is ``find_pairs``' error.
+  Any other tree that does not pair up is ``find_pairs``' error. With
+  ``data.gaussian_noise.sigma > 0`` every pair becomes the Gaussian-noise
+  task (``data.gaussian``): clipped NDCT and NDCT + white noise.
   """
+  return gaussian.apply_config(_read_dataset(data_cfg), data_cfg)
+
+
+def _read_dataset(data_cfg) -> CTDataset:
   root, is_builtin = resolve_root(data_cfg)
   layout = data_cfg.get("layout", "auto")
   thickness = data_cfg.get("thickness", "1mm")
