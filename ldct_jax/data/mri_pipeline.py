@@ -29,6 +29,7 @@ sampled file has), ``scale`` (B,).
 from __future__ import annotations
 
 import hashlib
+import pathlib
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
@@ -117,10 +118,18 @@ def check_mask_kind(kind: str, kspace_height: int, recon_height: int, where: str
 
 
 class _SliceSampler:
-  """Global example index + rng -> one training example (a random slice, a new mask)."""
+  """Global example index + rng -> one training example (a random slice, a new mask).
+
+  With ``fixed_mask_seed`` every slice keeps ONE mask for the whole training
+  (seeded by its file name, slice index and this seed, as an acquisition
+  would have sampled it once): training without fully sampled data must not
+  see a slice under many masks, whose union would cover all of k-space.
+  """
 
   def __init__(self, files: Sequence[Any], shape: Sequence[int], mask_kind: str,
-               acceleration: float, center_fraction: Optional[float]):
+               acceleration: float, center_fraction: Optional[float],
+               fixed_mask_seed: Optional[int] = None):
+    self.fixed_mask_seed = fixed_mask_seed
     self.files = list(files)
     self.shape = tuple(int(s) for s in shape)
     self.mask_kind, self.acceleration = mask_kind, float(acceleration)
@@ -140,8 +149,13 @@ class _SliceSampler:
     if rng.random() < 0.5:  # up-down flip of the image, before the mask is applied
       image = image[::-1]
     k = fft2c(image)
-    mask = mri.make_mask(self.mask_kind, self.shape, self.acceleration,
-                         self.center_fraction or None, seed=int(rng.integers(2**31 - 1)))
+    z = flat - int(self.offsets[j])
+    if self.fixed_mask_seed is not None:
+      mask = volume_mask(self.mask_kind, self.shape, self.acceleration, self.center_fraction,
+                         f"{pathlib.Path(f.path).name}:{z}", self.fixed_mask_seed)
+    else:
+      mask = mri.make_mask(self.mask_kind, self.shape, self.acceleration,
+                           self.center_fraction or None, seed=int(rng.integers(2**31 - 1)))
     return make_example(k, mask)
 
 
@@ -161,14 +175,19 @@ def make_slice_dataset(files: Sequence[Any], *, shape: Sequence[int], mask_kind:
                        acceleration: float, center_fraction: Optional[float],
                        batch_size: int, seed: int, process_index: int = 0,
                        process_count: int = 1, num_threads: int = 2,
-                       prefetch: int = 4) -> PatchStream:
-  """Endless, resumable stream of host-local MRI training batches (see module docstring)."""
+                       prefetch: int = 4, fixed_mask_seed: Optional[int] = None) -> PatchStream:
+  """Endless, resumable stream of host-local MRI training batches (see module docstring).
+
+  ``fixed_mask_seed``: one mask per training slice instead of a new one per
+  example (``_SliceSampler``), for training from undersampled data only.
+  """
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
   for f in files:
     check_mask_kind(mask_kind, f.kspace_shape[-2], f.recon_size[0], str(f.path))
   local_batch_size = batch_size // process_count
-  sampler = _SliceSampler(files, shape, mask_kind, acceleration, center_fraction)
+  sampler = _SliceSampler(files, shape, mask_kind, acceleration, center_fraction,
+                          fixed_mask_seed)
 
   def stack(examples):
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
@@ -177,7 +196,8 @@ def make_slice_dataset(files: Sequence[Any], *, shape: Sequence[int], mask_kind:
   local_batches = samples.batch(local_batch_size, batch_fn=stack)[process_index::process_count]
   fingerprint = {
       "seed": int(seed), "batch_size": int(batch_size), "shape": list(sampler.shape),
-      "mask": [mask_kind, float(acceleration), center_fraction or 0.0],
+      "mask": [mask_kind, float(acceleration), center_fraction or 0.0]
+              + ([] if fixed_mask_seed is None else ["fixed", int(fixed_mask_seed)]),
       "files": hashlib.sha256(repr([(str(f.path), f.num_slices) for f in files])
                               .encode()).hexdigest()[:16],
   }
