@@ -19,6 +19,8 @@ METHODS = {
     "tddl": "ldct_jax.methods.tddl",
     "wgan": "ldct_jax.methods.wgan",
     "mri_supervised": "ldct_jax.methods.mri_supervised",
+    "sure": "ldct_jax.methods.sure",
+    "mri_gsure": "ldct_jax.methods.mri_gsure",
 }
 
 
