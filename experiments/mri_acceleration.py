@@ -9,6 +9,8 @@ validation subjects) on the same slices and masks. Writes
 
   python experiments/mri_acceleration.py                       # -> runs/mri_acceleration
   python experiments/mri_acceleration.py --accelerations=4 --steps=200 --variant=paper
+
+Rows of accelerations run earlier into the same workdir are kept (merged).
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ def main(argv=None):
   parser.add_argument("--cache_dir", default="")
   args = parser.parse_args(argv)
   results, described = {}, {}
+  saved = os.path.join(args.workdir, "acceleration.json")
+  if os.path.exists(saved):  # rows of accelerations run earlier (e.g. --accelerations=8 later)
+    with open(saved) as f:
+      earlier = json.load(f)
+    results.update(earlier["mean"])
+    described.update(earlier["runs"])
   for r in (float(a) for a in args.accelerations.split(",")):
     config = mri_cascade.get_config(args.variant)
     config.mri.acceleration = r
@@ -68,7 +76,7 @@ def main(argv=None):
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, "acceleration.md"), "w") as f:
     f.write(text)
-  with open(os.path.join(args.workdir, "acceleration.json"), "w") as f:
+  with open(saved, "w") as f:
     json.dump({"mean": results, "runs": described}, f, indent=2)
   return results
 
