@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import shutil
 import sys
@@ -173,7 +174,9 @@ def summarise(results: dict, window: str, steps: dict) -> str:
   """Markdown: one line per row and checkpoint, plus the LDCT input and the classical row."""
   lines = ["| row | checkpoint (step) | steps | " + " | ".join(COLUMNS) + " |",
            "|---" * (len(COLUMNS) + 3) + "|"]
-  fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+  # Undefined scores (no flat soft tissue for the NPS, say) are NaN in memory
+  # and null in metrics.json: both print as n/a.
+  fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.4f}"
   first = next(iter(results.values()), None)
   if first is not None:
     for row in first["best"]["mean"]:
