@@ -89,11 +89,12 @@ def test_finite_difference_matches_the_exact_divergence_for_steps_around_the_def
   y = image + sigma * jax.random.normal(jax.random.PRNGKey(6), image.shape)
   key = jax.random.PRNGKey(7)
   exact = float(sure.mc_sure(apply, params, y, sigma, key, method="exact").trace[0])
+  fd_trace = jax.jit(lambda eps: sure.mc_sure(apply, params, y, sigma, key, eps=eps).trace[0])
   default = float(sure.default_epsilon(sigma, y[0].size))
   assert default == pytest.approx(sigma / 32)
   # Soltanayev & Chun's DnCNN value, 1.4e-4 x sigma on [0, 255] for [0, 1] images: 0.0357 sigma.
   for eps in (default * 1e-2, default * 0.1, default, 0.0357 * sigma):
-    fd = float(sure.mc_sure(apply, params, y, sigma, key, eps=eps).trace[0])
+    fd = float(fd_trace(eps))
     assert fd == pytest.approx(exact, rel=0.03), eps
 
 
@@ -107,8 +108,8 @@ def test_batch_statistics_come_from_the_unperturbed_pass_only(method):
   def apply(params, v):
     return model.apply({**variables, "params": params}, v, train=True, mutable=["batch_stats"])
 
-  result = sure.mc_sure(apply, variables["params"], y, 0.1, jax.random.PRNGKey(2),
-                        eps=0.05, has_aux=True, method=method)
+  result = jax.jit(lambda p: sure.mc_sure(apply, p, y, 0.1, jax.random.PRNGKey(2), eps=0.05,
+                                          has_aux=True, method=method))(variables["params"])
   _, clean_pass = apply(variables["params"], y)
   _, shifted_pass = apply(variables["params"], y + 0.05 * jax.random.normal(
       jax.random.PRNGKey(3), y.shape))
@@ -177,15 +178,16 @@ def test_gsure_of_noiseless_dc_fed_every_sample_does_not_depend_on_the_network()
   kx = mri.complex_to_channels(mri.fft2c(mri.channels_to_complex(x)))
   k0 = (kx + 0.05 * jax.random.normal(jax.random.PRNGKey(2), kx.shape)) * mask[..., None]
 
+  @jax.jit
   def loss(p, key=jax.random.PRNGKey(3)):
     return sure.gsure_masked_fourier(apply, p, k0, mask, mask, 0.05, key,
                                      method="exact").risk[0]
 
   params = [model.init(jax.random.PRNGKey(i), x, x, mask)["params"] for i in (0, 1)]
   assert float(loss(params[0])) == pytest.approx(float(loss(params[1])), rel=1e-5)
-  grads = jax.grad(loss)(params[0])
+  grads = jax.jit(jax.grad(loss))(params[0])
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-6
   # Over probes its mean is the noise variance s^2 (M F h = y: only the noise is left).
-  values = jax.vmap(lambda k: loss(params[0], k))(jax.random.split(jax.random.PRNGKey(4), 200))
+  values = jax.vmap(lambda k: loss(params[0], k))(jax.random.split(jax.random.PRNGKey(4), 100))
   ok, mean, se = within_standard_error(np.asarray(values) - 0.05 ** 2)
   assert ok, (mean, se)

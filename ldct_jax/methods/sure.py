@@ -47,7 +47,7 @@ import numpy as np
 
 from ldct_jax import models
 from ldct_jax import sure as sure_lib
-from ldct_jax.data import gaussian
+from ldct_jax.data import builtin, gaussian
 from ldct_jax.data.pipeline import Normalization, Volume, make_patch_dataset
 from ldct_jax.errors import InputError
 from ldct_jax.evaluation import make_validation_fn
@@ -104,8 +104,9 @@ def ct_physics(config, dataset) -> dict:
     return {k: given[k] for k in PHYSICS_FIELDS}
   if dataset is not None and dataset.is_builtin:
     with open(dataset.root / "dataset.json") as f:
-      spec = json.load(f)["spec"]
-    return {k: spec[k] for k in PHYSICS_FIELDS}
+      # Through BuiltinSpec: specs saved before a field existed get its default.
+      spec = builtin.BuiltinSpec.from_config(json.load(f)["spec"])
+    return {k: getattr(spec, k) for k in PHYSICS_FIELDS}
   raise InputError(
       "sure.noise='fbp' needs the scanner's noise physics: data.root "
       f"{str(getattr(dataset, 'root', ''))!r} is not the built-in data, so give every one of "
