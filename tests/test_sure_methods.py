@@ -232,7 +232,9 @@ def test_ct_sure_needs_the_scanner_physics_for_other_data(builtin_cache):
   assert sure_method.ct_physics(config, dataset) == pytest.approx(PHYSICS)
   dataset.is_builtin = False
   with pytest.raises(ValueError, match="sure.physics"):
-    sure_method.ct_physics(config, dataset)
+    build_method(config, dataset)  # at build time, before any training
+  config.sure.physics.update(PHYSICS)
+  assert sure_method.ct_physics(config, dataset) == PHYSICS
 
 
 @pytest.fixture(scope="module")
