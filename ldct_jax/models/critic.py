@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from ldct_jax.models.layers import Conv
