@@ -253,8 +253,6 @@ def build(config, dataset) -> MethodSpec:
   if noise == "fbp" and num_probes < 2:
     raise InputError(f"sure.num_probes must be >= 2 for sure.noise='fbp', got {num_probes}")
   sigma = gaussian_sigma(config, normalization) if noise == "gaussian" else 0.0
-  # Checked now, not when training starts: a missing scanner model is a config error.
-  physics = ct_physics(config, dataset) if noise == "fbp" and dataset is not None else None
   eps = float(scfg.get("eps", 0.0) or 0.0) or None
   train_step = make_train_step(
       model, noise=noise, sigma=sigma, num_probes=num_probes,
@@ -272,8 +270,9 @@ def build(config, dataset) -> MethodSpec:
     volumes = [Volume(v.patient_id, {"ld": v.arrays["ld"]}) for v in dataset.split("train")]
     keys = ("ld",)
     if noise == "fbp":
-      volumes = with_noise_probes(volumes, dataset.spacing, physics, num_probes,
-                                  normalization, config.seed)
+      # Read here, for training only: --mode=eval on another data root needs no scanner.
+      volumes = with_noise_probes(volumes, dataset.spacing, ct_physics(config, dataset),
+                                  num_probes, normalization, config.seed)
       keys += tuple(probe_key(k) for k in range(num_probes))
     return make_patch_dataset(
         volumes, keys=keys, raw_keys=keys[1:], patch_size=config.data.patch_size,
