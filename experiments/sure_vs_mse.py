@@ -90,7 +90,7 @@ def bm3d_true_sigma(config, max_slices) -> dict:
     return (np.stack(out) / to_pixels + window.low).astype(np.float32)
 
   volumes = datasets.load_dataset(config.data).split(config.eval.get("split", "test"))
-  report = evaluation.evaluate_volumes(volumes, {"bm3d": denoise}, list(config.eval.windows),
+  report = evaluation.evaluate_volumes(volumes, {"bm3d": evaluation.slice_wise(denoise)}, list(config.eval.windows),
                                        max_slices=max_slices or None)
   return report["mean"]
 

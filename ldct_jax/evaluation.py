@@ -54,8 +54,12 @@ def spread_slices(depth: int, max_slices: Optional[int]) -> np.ndarray:
 
 
 def denoise_volume(denoise_fn: Callable, ld_hu: np.ndarray, normalization: Normalization,
-                   *, slab: int = 1, batch_size: int = 8) -> np.ndarray:
+                   *, slab: int = 1, batch_size: int = 8,
+                   centres: Optional[Sequence[int]] = None) -> np.ndarray:
   """Denoises every slice of a (D, H, W) HU volume; returns (D, H, W) HU float32.
+
+  With ``centres``, only those slices, as ``(len(centres), H, W)``: a slab
+  model still reads each one's true neighbours from the whole volume.
 
   Batches are padded to ``batch_size`` so the jitted denoiser compiles once.
   A series with fewer slices than a slab model reads (down to one slice) is
@@ -65,13 +69,31 @@ def denoise_volume(denoise_fn: Callable, ld_hu: np.ndarray, normalization: Norma
   if short_volume_padding(ld_hu.shape[0], slab):
     log(f"series of {ld_hu.shape[0]} slice(s) is shorter than the model's slab of {slab}: "
         "padded by edge replication (its first/last slice repeated)")
-  out = np.empty(ld_hu.shape, np.float32)
+  wanted = np.arange(ld_hu.shape[0]) if centres is None else np.asarray(centres, dtype=int)
+  out = np.empty((len(wanted),) + ld_hu.shape[1:], np.float32)
   volume = Volume("eval", {"ld": ld_hu})
+  done = 0
   for indices, batch in iterate_slices(volume, keys=("ld",), normalization=normalization,
-                                       slab=slab, batch_size=batch_size, pad_to_batch=True):
+                                       slab=slab, batch_size=batch_size, pad_to_batch=True,
+                                       centres=wanted):
     y = np.asarray(denoise_fn(batch["ld"]))[:len(indices), ..., 0]
-    out[indices] = normalization.denormalize(y)
+    out[done:done + len(indices)] = normalization.denormalize(y)
+    done += len(indices)
   return out
+
+
+def slice_wise(fn: Callable) -> Callable:
+  """A predictor for ``evaluate_volumes`` from ``fn(ld slices) -> slices`` that
+  treats every slice on its own (2D models, classical filters)."""
+  return lambda ld, pick: fn(ld[pick])
+
+
+def volume_denoiser(denoise_fn: Callable, normalization: Normalization, *, slab: int = 1,
+                    batch_size: int = 8) -> Callable:
+  """The predictor of a bound model ``fn(x)``: the picked slices, each with its
+  true neighbours when ``slab > 1``."""
+  return lambda ld, pick: denoise_volume(denoise_fn, ld, normalization, slab=slab,
+                                         batch_size=batch_size, centres=pick)
 
 
 def estimate_noise_sigma(image: np.ndarray) -> float:
@@ -183,7 +205,12 @@ def gather_from_processes(obj) -> list:
 def evaluate_volumes(volumes: Sequence[Volume], predictors: Dict[str, Callable], windows,
                      *, max_slices: Optional[int] = None, keep_images: bool = False,
                      texture: Optional[texture_lib.TextureScorer] = None) -> dict:
-  """Scores each predictor (name -> ``fn(ld_hu volume) -> hu volume``) and the LDCT input.
+  """Scores each predictor and the LDCT input on (at most ``max_slices``) slices.
+
+  A predictor is ``fn(ld_hu volume (D, H, W), pick) -> (len(pick), H, W) HU``:
+  it gets the whole volume and the picked slice indices, so a slab model
+  reads each picked slice's true neighbours (``volume_denoiser``; a
+  slice-by-slice ``fn`` is wrapped with ``slice_wise``).
 
   Returns ``{'patients': {id: {row: means}}, 'mean': {row: slice-weighted means},
   'num_slices': n}``; with ``keep_images`` also, under 'images', each patient's
@@ -200,8 +227,8 @@ def evaluate_volumes(volumes: Sequence[Volume], predictors: Dict[str, Callable],
     volume = volumes[i]
     ld, nd = volume.arrays["ld"], volume.arrays["nd"]
     pick = spread_slices(ld.shape[0], max_slices)
-    ld, nd = ld[pick], nd[pick]
-    outputs = {"ldct": ld, **{name: fn(ld) for name, fn in predictors.items()}}
+    outputs = {"ldct": ld[pick], **{name: fn(ld, pick) for name, fn in predictors.items()}}
+    nd = nd[pick]
     scores = {row: score_volume(pred, nd, windows) for row, pred in outputs.items()}
     if texture is not None:  # all rows at once: the NDCT's side is computed once
       for row, columns in texture.score_rows(outputs, nd).items():
@@ -260,8 +287,7 @@ def make_validation_fn(config, volumes: Sequence[Volume], denoiser_for: Callable
   def evaluate(state) -> Dict[str, float]:
     fn = denoiser_for(process_local(state))
     report = evaluate_volumes(
-        volumes, {"model": lambda ld: denoise_volume(fn, ld, normalization, slab=slab,
-                                                     batch_size=batch_size)},
+        volumes, {"model": volume_denoiser(fn, normalization, slab=slab, batch_size=batch_size)},
         [window], max_slices=max_slices)
     mean = report["mean"]["model"]
     return {"val/psnr": mean[f"psnr/{window.name}"], "val/ssim": mean[f"ssim/{window.name}"],
@@ -332,11 +358,11 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int,
   normalization = Normalization.from_config(config.data.normalization)
   batch_size = int(config.eval.get("batch_size", 8))
   fn = method.denoiser(process_local(state))
-  predictors = {"model": lambda ld: denoise_volume(fn, ld, normalization,
-                                                   slab=method.input_slab, batch_size=batch_size)}
+  predictors = {"model": volume_denoiser(fn, normalization, slab=method.input_slab,
+                                          batch_size=batch_size)}
   classical = resolve_classical(config.eval.get("classical", "auto"))
   if classical:
-    predictors[classical] = lambda ld: classical_denoise(ld, classical)
+    predictors[classical] = slice_wise(lambda ld: classical_denoise(ld, classical))
   split = config.eval.get("split", "test")
   volumes = dataset.split(split)
   if not volumes:

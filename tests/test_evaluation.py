@@ -1,5 +1,6 @@
 """Evaluation helpers: noise estimate, classical baseline, scoring conventions, panels."""
 import numpy as np
+import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
 from ldct_jax import evaluation
@@ -46,7 +47,7 @@ def test_denoise_volume_covers_every_slice_with_identity_model():
 def test_evaluate_volumes_slice_weighted_means_and_rows():
   nd = np.zeros((3, 16, 16), np.float32)
   vols = [Volume("a", {"ld": nd + 10, "nd": nd}), Volume("b", {"ld": nd[:1] + 40, "nd": nd[:1]})]
-  report = evaluation.evaluate_volumes(vols, {"zero": lambda ld: ld * 0}, ["abdomen"])
+  report = evaluation.evaluate_volumes(vols, {"zero": evaluation.slice_wise(lambda ld: ld * 0)}, ["abdomen"])
   assert report["num_slices"] == 4
   assert report["mean"]["ldct"]["rmse_hu"] == (3 * 10 + 40) / 4
   assert report["patients"]["b"]["ldct"]["rmse_hu"] == 40
@@ -58,3 +59,23 @@ def test_panel_png(tmp_path):
   x = np.zeros((32, 32), np.float32)
   evaluation.save_panel(str(tmp_path / "p.png"), x, x, x, "abdomen")
   assert Image.open(tmp_path / "p.png").size == (128, 32)
+
+
+def test_picked_slices_of_a_slab_model_read_their_true_neighbours():
+  """eval.max_slices subsamples a volume; a 3D model must still see slices z-1 and z+1."""
+  norm = Normalization()
+  depth = 9
+  ld = np.stack([np.full((16, 16), 10.0 * z * z, np.float32) for z in range(depth)])
+  nd = np.zeros_like(ld)
+  mean_of_ends = lambda x: 0.5 * (x[:, 0] + x[:, 2])  # a slab model: mean of its neighbours
+  pick = evaluation.spread_slices(depth, 3)
+  assert list(pick) == [0, 4, 8]  # non-adjacent
+  # true neighbours: z=0 -> slice 1 twice (reflected), z=4 -> 3 and 5, z=8 -> 7 twice
+  want = np.array([10.0, 0.5 * (90 + 250), 490.0])
+  out = evaluation.denoise_volume(mean_of_ends, ld, norm, slab=3, batch_size=2, centres=pick)
+  np.testing.assert_allclose(out[:, 0, 0], want, atol=1e-2)
+  report = evaluation.evaluate_volumes(
+      [Volume("a", {"ld": ld, "nd": nd})],
+      {"model": evaluation.volume_denoiser(mean_of_ends, norm, slab=3, batch_size=2)},
+      ["abdomen"], max_slices=3)
+  assert report["mean"]["model"]["rmse_hu"] == pytest.approx(want.mean(), abs=1e-2)

@@ -140,7 +140,7 @@ def test_evaluate_volumes_texture_columns_and_lpips():
   ld = nd + np.random.default_rng(8).normal(0, 25, nd.shape).astype(np.float32)
   volume = Volume("p0", {"ld": ld, "nd": nd})
   scorer = texture.TextureScorer(texture.TEXTURE_METRICS, "abdomen", roi=8)
-  report = evaluation.evaluate_volumes([volume], {"half": lambda x: 0.5 * (x + nd)},
+  report = evaluation.evaluate_volumes([volume], {"half": lambda x, pick: 0.5 * (x[pick] + nd[pick])},
                                        ["abdomen"], texture=scorer)
   lpips, variables = features.make_lpips("abdomen")
   half = 0.5 * (ld + nd)

@@ -625,8 +625,9 @@ def iterate_slices(
     slab: int = 1,
     batch_size: int,
     pad_to_batch: bool = False,
+    centres: Optional[Sequence[int]] = None,
 ) -> Iterator[tuple]:
-  """Yields every slice once, in order, in batches.
+  """Yields every slice (or every slice of ``centres``) once, in order, in batches.
 
   Args:
     volume: the volume (HU).
@@ -640,6 +641,9 @@ def iterate_slices(
       (one compiled shape; divisible by the device count if ``batch_size`` is).
       The returned indices still list only real slices: keep the first
       ``len(indices)`` outputs.
+    centres: only these slices (ascending or not), each with its true
+      neighbours from the whole volume (a slab model must never see a
+      subsample's slices as neighbours); None = every slice.
 
   Yields:
     ``(slice_indices, {key: batch})``: ``slice_indices`` an int array of the
@@ -649,8 +653,11 @@ def iterate_slices(
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   depth = volume.num_slices
-  for start in range(0, depth, batch_size):
-    indices = np.arange(start, min(start + batch_size, depth))
+  wanted = np.arange(depth) if centres is None else np.asarray(centres, dtype=int)
+  if wanted.size and (wanted.min() < 0 or wanted.max() >= depth):
+    raise ValueError(f"centres {wanted} outside a volume of {depth} slices")
+  for start in range(0, len(wanted), batch_size):
+    indices = wanted[start:start + batch_size]
     rows = indices
     if pad_to_batch and len(rows) < batch_size:
       rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])

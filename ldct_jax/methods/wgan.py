@@ -420,10 +420,8 @@ def _validation(config, volumes, denoiser_for, normalization, slab: int, lpips):
     for volume in volumes:
       ld, nd = volume.arrays["ld"], volume.arrays["nd"]
       pick = spread_slices(ld.shape[0], max_slices)
-      if slab > 1:
-        pred = denoise_volume(fn, ld, normalization, slab=slab, batch_size=batch_size)[pick]
-      else:
-        pred = denoise_volume(fn, ld[pick], normalization, slab=1, batch_size=batch_size)
+      pred = denoise_volume(fn, ld, normalization, slab=slab, batch_size=batch_size,
+                            centres=pick)
       scores.append(score_volume(pred, nd[pick], [window]))
       if lpips is not None:
         lpips_fn, lpips_variables = lpips
