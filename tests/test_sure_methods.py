@@ -253,6 +253,8 @@ def test_gsure_training_never_reads_a_fully_sampled_slice(mri_cache):
   with pytest.raises(ValueError, match="target"):
     stage.train_step(state, {**batches[0], "target": batches[0]["x"]}, jax.random.PRNGKey(0))
   assert mri_gsure.training_noise_std(config, dataset) == pytest.approx(0.01)
+  np.testing.assert_allclose(batches[0]["noise_std"], 0.01 / np.sqrt(2) * batches[0]["scale"],
+                             rtol=1e-6)
   # One mask per training slice: the same slice drawn twice has the same mask.
   files = dataset.split("train")
   shape = mri_pipeline.training_shape(files)

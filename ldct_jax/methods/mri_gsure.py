@@ -5,7 +5,7 @@ each training slice is what a clinic would store: k-space measured under
 ONE mask (``mri_pipeline.make_slice_dataset(fixed_mask_seed=...)``: a slice
 never reappears under another mask, whose union would reveal the rest of
 k-space), with its noise. The batch's fully sampled ``target`` is removed
-before the step (``WithoutTarget``), which refuses any other key.
+before the step (``UndersampledBatches``), which refuses any other key.
 
 Loss: ``sure.gsure_masked_fourier``, Eldar's GSURE in the range of the
 measurement operator ``A = M F`` (``P = Fᴴ M F``): an unbiased estimate of
@@ -27,9 +27,11 @@ given; else every training file's ``noise_std`` attribute (the built-in data
 writes the one it added); else an error. It is KNOWN, not estimated: on the
 built-in 128² slices the outer k-space still holds signal (a median estimate
 from 4-16 px k-space corners came out 7-55% high, the MNI slices worst), and a
-scanner measures it with a noise pre-scan. Per example it enters in the batch's scaled units,
-``σ scale / √2`` per real component; the scale (``1 / max|x|`` of the
-zero-filled image) is treated as a constant, which it is to first order.
+scanner measures it with a noise pre-scan. It is read when the training data is
+made (evaluation on other data needs none) and enters each batch in its scaled
+units, ``noise_std = σ scale / √2`` per real component; the scale
+(``1 / max|x|`` of the zero-filled image) is treated as a constant, which it
+is to first order.
 
 Validation during training (checkpoint ranking) uses the validation split's
 fully sampled references, as the supervised method's does; the test-split
@@ -54,23 +56,28 @@ from ldct_jax.physics import mri
 from ldct_jax.train.loop import Stage
 from ldct_jax.train.optim import make_optimizer
 
-BATCH_KEYS = ("x", "k0", "mask", "scale")
+BATCH_KEYS = ("x", "k0", "mask", "scale", "noise_std")
 
 
-class WithoutTarget:
-  """A training stream with the fully sampled ``target`` removed from every batch.
+class UndersampledBatches:
+  """A training stream as GSURE sees it: no fully sampled ``target``, and each
+  example's k-space noise std per real component in its scaled units,
+  ``noise_std = σ scale / √2`` (σ the complex std in file units).
 
   Delegates ``get_state``/``set_state`` (exact resume) to the wrapped stream.
   """
 
-  def __init__(self, stream):
+  def __init__(self, stream, noise_std: float):
     self._stream = stream
+    self._noise_std = float(noise_std)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    return {k: v for k, v in next(self._stream).items() if k != "target"}
+    batch = {k: v for k, v in next(self._stream).items() if k != "target"}
+    batch["noise_std"] = (self._noise_std / np.sqrt(2.0) * batch["scale"]).astype(np.float32)
+    return batch
 
   def get_state(self) -> dict:
     return self._stream.get_state()
@@ -103,11 +110,8 @@ def holdout_split(mask, key, fraction: float, protected) -> jax.Array:
   return mask * (1.0 - held.astype(mask.dtype))
 
 
-def make_train_step(model, *, noise_std: float, holdout: float, protected,
-                    eps=None, divergence: str = "fd"):
-  """Pure ``(state, batch, rng) -> (state, metrics)`` on batches without ``target``.
-
-  ``noise_std`` is the complex k-space noise std in file units. Metrics:
+def make_train_step(model, *, holdout: float, protected, eps=None, divergence: str = "fd"):
+  """Pure ``(state, batch, rng) -> (state, metrics)`` on ``UndersampledBatches``. Metrics:
   ``loss`` (GSURE per measured real number, scaled units), ``residual``,
   ``trace``, ``noise_var`` (s² per real component) and ``heldout_fraction``
   (measured samples the network did not see).
@@ -120,7 +124,7 @@ def make_train_step(model, *, noise_std: float, holdout: float, protected,
     split_rng, probe_rng = jax.random.split(rng)
     mask = jnp.broadcast_to(batch["mask"], batch["k0"].shape[:-1])
     seen = holdout_split(mask, split_rng, holdout, protected)
-    s = noise_std / np.sqrt(2.0) * batch["scale"]
+    s = batch["noise_std"]
 
     def apply(params, x, k, m):
       return model.apply({**model_variables(state), "params": params}, x, k, m, train=True)
@@ -182,7 +186,6 @@ def build(config, dataset) -> MethodSpec:
     shape = mri_pipeline.training_shape(train_files, shape)
   elif not shape:
     shape = tuple(config.data.get("init_shape", (64, 64)))
-  noise_std = training_noise_std(config, dataset) if dataset is not None else 0.0
   protected = centre_columns(shape[-1], mcfg.acceleration, mcfg.get("center_fraction"))
   eps = float(gcfg.get("eps", 0.0) or 0.0) or None
 
@@ -192,12 +195,12 @@ def build(config, dataset) -> MethodSpec:
 
   def make_data(previous):
     del previous
-    return WithoutTarget(mri_pipeline.make_slice_dataset(
+    return UndersampledBatches(mri_pipeline.make_slice_dataset(
         train_files, shape=shape, mask_kind=mcfg.mask, acceleration=mcfg.acceleration,
         center_fraction=mcfg.get("center_fraction") or None,
         batch_size=config.data.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        fixed_mask_seed=int(gcfg.get("mask_seed", 0))))
+        fixed_mask_seed=int(gcfg.get("mask_seed", 0))), training_noise_std(config, dataset))
 
   evaluate = None
   if dataset is not None and dataset.splits.get("val"):
@@ -205,8 +208,7 @@ def build(config, dataset) -> MethodSpec:
         config, dataset.split("val"), bind_denoiser(reconstruct, inference_variables))
 
   stage = Stage(name="reconstructor", num_steps=config.train.num_steps, init_state=init_state,
-                train_step=make_train_step(model, noise_std=noise_std, holdout=holdout,
-                                           protected=protected, eps=eps,
+                train_step=make_train_step(model, holdout=holdout, protected=protected, eps=eps,
                                            divergence=gcfg.get("divergence", "fd")),
                 make_data=make_data, evaluate=evaluate,
                 best_metric=config.train.get("best_metric"),
