@@ -180,7 +180,9 @@ def sure_from_probe(apply_fn: Callable, params, y, probe, noise_var, *,
     raise ValueError(f"probe shape {probe.shape} differs from the input's {y.shape}")
   num = int(y[0].size)
   noise_var = _per_sample(noise_var, batch)
-  scale = jnp.sqrt(noise_var)
+  # Floored: a noise-free sample (e.g. a patch outside a scanner's field of view,
+  # all-zero probe) must give a zero trace term, not 0/0.
+  scale = jnp.sqrt(jnp.maximum(noise_var, jnp.finfo(jnp.float32).tiny))
   if eps is None:
     eps = default_epsilon(scale, num)
   unit = probe / _expand(scale, y)

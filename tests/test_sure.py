@@ -119,6 +119,14 @@ def test_batch_statistics_come_from_the_unperturbed_pass_only(method):
     assert not np.allclose(np.asarray(got), np.asarray(other))
 
 
+@pytest.mark.parametrize("method", ["fd", "exact"])
+def test_a_noise_free_sample_gets_its_plain_squared_residual(method):
+  y = jnp.ones((2, 4, 4, 1))
+  result = sure.sure_from_probe(lambda p, v: 0.5 * v, None, y, jnp.zeros_like(y), 0.0,
+                                method=method)
+  np.testing.assert_allclose(np.asarray(result.risk), [0.25, 0.25])
+
+
 def test_probe_of_another_shape_and_unknown_options_are_refused():
   apply = lambda p, v: v
   y = jnp.zeros((2, 4, 4, 1))
