@@ -56,7 +56,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -162,36 +162,52 @@ def builtin_root(spec: BuiltinSpec, cache_dir=None) -> pathlib.Path:
 def ensure_builtin_dataset(spec: BuiltinSpec = BuiltinSpec(), cache_dir=None,
                            *, verbose: bool = True) -> pathlib.Path:
   """Returns the root of the built-in dataset, generating it on first use."""
-  root = builtin_root(spec, cache_dir)
+
+  def generate(out: pathlib.Path) -> dict:
+    _generate(spec, out)
+    return {"spec": {**dataclasses.asdict(spec), "regions": list(spec.regions),
+                     "extra_doses": list(spec.extra_doses)},
+            "generator_version": GENERATOR_VERSION, "layout": "mayo",
+            "kernel": spec.kernel,
+            "doses": {name: dose for name, dose in _series(spec)},
+            "patients": spec.patient_ids()}
+
+  return build_cached_dataset(
+      builtin_root(spec, cache_dir), generate, verbose=verbose, what="built-in dataset",
+      details=f"{spec.num_patients} patients x {spec.num_slices} slices of {spec.size}^2")
+
+
+def build_cached_dataset(root: pathlib.Path, generate: Callable[[pathlib.Path], dict], *,
+                         what: str, details: str, verbose: bool = True) -> pathlib.Path:
+  """Generates a dataset at ``root`` once (the CT and MRI built-in data).
+
+  ``generate(folder)`` writes the files into a fresh temporary sibling of
+  ``root`` and returns the contents of its ``dataset.json`` (written last,
+  with the generation time); the folder is then renamed into place, so a
+  killed generation leaves no half dataset and concurrent processes building
+  the same dataset are safe (the first rename wins; theirs is identical).
+  """
   if (root / "dataset.json").exists():
     return root
   root.parent.mkdir(parents=True, exist_ok=True)
   start = time.time()
   if verbose:
-    print(f"ldct_jax: generating the built-in dataset ({spec.num_patients} patients x "
-          f"{spec.num_slices} slices of {spec.size}^2) in {root}", flush=True)
+    print(f"ldct_jax: generating the {what} ({details}) in {root}", flush=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
   try:
-    _generate(spec, tmp)
+    meta = generate(tmp)
     with open(tmp / "dataset.json", "w") as f:
-      json.dump({"spec": {**dataclasses.asdict(spec), "regions": list(spec.regions),
-                          "extra_doses": list(spec.extra_doses)},
-                 "generator_version": GENERATOR_VERSION, "layout": "mayo",
-                 "kernel": spec.kernel,
-                 "doses": {name: dose for name, dose in _series(spec)},
-                 "patients": spec.patient_ids(),
-                 "generation_seconds": round(time.time() - start, 2)}, f, indent=2)
+      json.dump({**meta, "generation_seconds": round(time.time() - start, 2)}, f, indent=2)
     try:
       os.rename(tmp, root)
     except OSError:
-      # Another process finished the same dataset first; theirs is identical.
       if not (root / "dataset.json").exists():
         raise
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
   if verbose:
-    print(f"ldct_jax: built-in dataset ready in {time.time() - start:.1f} s", flush=True)
+    print(f"ldct_jax: {what} ready in {time.time() - start:.1f} s", flush=True)
   return root
 
 

@@ -56,18 +56,14 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
 import pathlib
-import shutil
-import tempfile
-import time
 from typing import Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
 
 from ldct_jax.data import fastmri
-from ldct_jax.data.builtin import default_cache_dir
+from ldct_jax.data.builtin import build_cached_dataset, default_cache_dir
 from ldct_jax.data.pipeline import save_split_file, split_patients
 from ldct_jax.errors import InputError
 
@@ -165,34 +161,17 @@ def builtin_mri_root(spec: BuiltinMRISpec, cache_dir=None) -> pathlib.Path:
 def ensure_builtin_mri(spec: BuiltinMRISpec = BuiltinMRISpec(), cache_dir=None, *,
                        verbose: bool = True) -> pathlib.Path:
   """Returns the root of the built-in MRI dataset, generating it on first use."""
-  root = builtin_mri_root(spec, cache_dir)
-  if (root / "dataset.json").exists():
-    return root
-  root.parent.mkdir(parents=True, exist_ok=True)
-  start = time.time()
-  if verbose:
-    print(f"ldct_jax: generating the built-in MRI dataset ({len(spec.subject_ids())} subjects x "
-          f"{spec.slices_per_subject} slices of {spec.shape[0]}x{spec.shape[1]}) in {root}",
-          flush=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-  try:
-    meta = _generate(spec, tmp)
-    with open(tmp / "dataset.json", "w") as f:
-      json.dump({**meta, "spec": dataclasses.asdict(spec), "generator_version": GENERATOR_VERSION,
-                 "layout": "fastMRI single-coil", "generation_seconds": round(time.time() - start, 2)},
-                f, indent=2)
-    try:
-      os.rename(tmp, root)
-    except OSError:
-      # Another process finished the same dataset first; theirs is identical.
-      if not (root / "dataset.json").exists():
-        raise
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
-  if verbose:
-    print(f"ldct_jax: built-in MRI dataset ready in {time.time() - start:.1f} s", flush=True)
-  return root
+
+  def generate(out: pathlib.Path) -> dict:
+    meta = _generate(spec, out)
+    return {**meta, "spec": dataclasses.asdict(spec), "generator_version": GENERATOR_VERSION,
+            "layout": "fastMRI single-coil"}
+
+  return build_cached_dataset(
+      builtin_mri_root(spec, cache_dir), generate, verbose=verbose,
+      what="built-in MRI dataset",
+      details=f"{len(spec.subject_ids())} subjects x {spec.slices_per_subject} slices of "
+              f"{spec.shape[0]}x{spec.shape[1]}")
 
 
 def load_ground_truth(root, subject_id: str) -> Optional[np.ndarray]:
