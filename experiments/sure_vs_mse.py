@@ -90,8 +90,8 @@ def bm3d_true_sigma(config, max_slices) -> dict:
     return (np.stack(out) / to_pixels + window.low).astype(np.float32)
 
   volumes = datasets.load_dataset(config.data).split(config.eval.get("split", "test"))
-  report = evaluation.evaluate_volumes(volumes, {"bm3d": evaluation.slice_wise(denoise)}, list(config.eval.windows),
-                                       max_slices=max_slices or None)
+  report = evaluation.evaluate_volumes(volumes, {"bm3d": evaluation.slice_wise(denoise)},
+                                       list(config.eval.windows), max_slices=max_slices or None)
   return report["mean"]
 
 
