@@ -39,7 +39,7 @@ def get_config(variant: str = ""):
       noise="fbp",
       fbp_probe="white" if "white" in parts else "correlated",
       num_probes=4,        # noise draws per training slice, made before training
-      eps=0.0,             # finite-difference step in model units; 0 = sigma / sqrt(N), N pixels per patch
+      eps=0.0,             # finite-difference step, model units; 0 = sigma / sqrt(pixels per patch)
       probe="gaussian",    # white probes only: 'gaussian' | 'rademacher'
       divergence="exact" if "exact" in parts else "fd",
       # The scanner; all empty = the built-in data's spec (required for other data).

@@ -48,7 +48,7 @@ def get_config(variant: str = ""):
   config.method = "supervised" if "mse" in parts else "sure"
   config.sure = ml_collections.ConfigDict(dict(
       noise="gaussian",
-      eps=0.0,             # finite-difference step in model units; 0 = sigma / sqrt(N), N pixels per patch
+      eps=0.0,             # finite-difference step, model units; 0 = sigma / sqrt(pixels per patch)
       probe="gaussian",    # 'gaussian' | 'rademacher'
       divergence="exact" if "exact" in parts else "fd",
   ))

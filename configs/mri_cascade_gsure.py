@@ -39,9 +39,9 @@ def get_config(variant: str = ""):
   config.method = "mri_gsure"
   config.model.noisy_dc = "harddc" not in parts
   config.mri_gsure = ml_collections.ConfigDict(dict(
-      holdout=0.4,        # probability that a measured non-centre column is hidden from the input
-      noise_std=0.0,      # complex k-space noise std (file units); 0 = the files' noise_std attribute
-      eps=0.0,            # finite-difference step (scaled k-space units); 0 = s / sqrt(m), m measured real numbers
+      holdout=0.4,        # chance that a measured non-centre column is hidden from the input
+      noise_std=0.0,      # complex k-space noise std (file units); 0 = the files' attribute
+      eps=0.0,            # finite-difference step (scaled units); 0 = s / sqrt(measured reals)
       divergence="fd",    # 'fd' (second forward pass) | 'exact' (a vector-Jacobian product)
       mask_seed=0,        # the one mask of every training slice
   ))
