@@ -66,7 +66,11 @@ def test_pipeline_runs_all_stages_and_reports_true_numbers(uninterrupted, builti
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
   assert set(saved["mean"]) == {"ldct", "model"}  # classical='none'
   for row in saved["mean"].values():
-    assert row and all(np.isfinite(v) for v in row.values()), row
+    # psnr/ssim/rmse always finite; a texture column is null (JSON) when the tiny
+    # test slices hold no soft-tissue region to measure it in.
+    assert row and all(np.isfinite(v) for k, v in row.items()
+                       if k.split("/")[0] in ("psnr", "ssim", "rmse_hu")), row
+    assert all(v is None or np.isfinite(v) for v in row.values()), row
   # The LDCT row against an independent computation on the test slices
   # (every slice: eval.max_slices is 0): windowed PSNR and HU RMSE per
   # slice, then the mean over slices.
