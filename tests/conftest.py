@@ -32,3 +32,17 @@ def windowed_psnr(pred_hu, ref_hu, low=-160.0, high=240.0):
   to_unit = lambda x: np.clip((np.asarray(x, np.float64) - low) / (high - low), 0.0, 1.0)
   return np.array([peak_signal_noise_ratio(to_unit(r), to_unit(p), data_range=1.0)
                    for p, r in zip(pred_hu, ref_hu)])
+
+
+# NumPy references for the MRI tests: centred orthonormal 2D FFTs over the last
+# two axes (complex128 for complex128 input), independent of ldct_jax.physics.mri.
+def np_fft2c(x):
+  axes = (-2, -1)
+  return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=axes), axes=axes, norm="ortho"),
+                         axes=axes)
+
+
+def np_ifft2c(k):
+  axes = (-2, -1)
+  return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=axes), axes=axes, norm="ortho"),
+                         axes=axes)

@@ -8,15 +8,10 @@ import pytest
 from ldct_jax.models import get_model
 from ldct_jax.models.cascade import DeepCascade, dc_lambdas
 from ldct_jax.physics import mri
+from conftest import np_fft2c
 
 SIZE = 32
 TINY = dict(num_cascades=2, depth=3, features=8)
-
-
-def np_fft2c(x):
-  axes = (-2, -1)
-  return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=axes), axes=axes, norm="ortho"),
-                         axes=axes)
 
 
 def phantom_batch(batch=2, seed=0, acceleration=4):

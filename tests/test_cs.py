@@ -9,18 +9,7 @@ from skimage.transform import resize
 
 from ldct_jax.physics import mri
 from ldct_jax.recon import cs
-
-
-def np_fft2c(x):
-  axes = (-2, -1)
-  return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=axes), axes=axes, norm="ortho"),
-                         axes=axes)
-
-
-def np_ifft2c(k):
-  axes = (-2, -1)
-  return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=axes), axes=axes, norm="ortho"),
-                         axes=axes)
+from conftest import np_fft2c, np_ifft2c
 
 
 def np_tv(x, eps=0.0):

@@ -6,18 +6,7 @@ import pytest
 from ldct_jax.data import fastmri
 from ldct_jax.errors import InputError
 from ldct_jax.physics import mri
-
-
-def np_fft2c(x):
-  axes = (-2, -1)
-  return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=axes), axes=axes, norm="ortho"),
-                         axes=axes)
-
-
-def np_ifft2c(k):
-  axes = (-2, -1)
-  return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=axes), axes=axes, norm="ortho"),
-                         axes=axes)
+from conftest import np_fft2c, np_ifft2c
 
 
 def volume(rng, slices, height, width):
