@@ -185,7 +185,11 @@ def cs_predictor(lam: float, num_iters: int) -> Callable:
 def choose_cs(config, dataset) -> dict:
   """CS-TV's λ and iteration count: the best validation PSNR over the configured grid."""
   ecfg = config.eval
-  volumes = dataset.split("val") or dataset.split("train")
+  # The validation subjects; a data root without any (one file, say) sweeps on
+  # its training split, and the report names the split used: when that is
+  # also the scored split, CS-TV's lambda was tuned on the test data.
+  sweep_split = "val" if dataset.split("val") else "train"
+  volumes = dataset.split(sweep_split)
   examples = []
   for f in volumes[:int(ecfg.get("cs_sweep_volumes", 2))]:
     pick = spread_slices(f.num_slices, int(ecfg.get("cs_sweep_slices", 4)))
@@ -193,7 +197,8 @@ def choose_cs(config, dataset) -> dict:
     examples.append(ex)
   stacked = {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
   best = cs.sweep_cs_tv(stacked, lambdas=tuple(ecfg.cs_lambdas), iterations=tuple(ecfg.cs_iters))
-  return best
+  return {**best, "sweep_split": sweep_split,
+          "sweep_volumes": [pathlib.Path(f.path).stem for f in volumes[:len(examples)]]}
 
 
 def evaluate_files(config, files: Sequence, predictors: Dict[str, Callable], *,
