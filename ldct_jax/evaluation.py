@@ -375,17 +375,30 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int,
   report = evaluate_volumes(volumes, predictors, windows,
                             max_slices=config.eval.get("max_slices") or None, keep_images=True,
                             texture=texture if texture.metrics else None)
-  report = {"conventions": conventions(windows, texture), "split": split,
-            "data_root": str(dataset.root), "model": method.description,
-            "checkpoint_step": int(step), **report, **(extra_reports or {})}
+  def panels(out_dir: str, images_by_id: dict) -> None:
+    for patient_id, images in images_by_id.items():
+      for window in windows[:2]:
+        w = get_window(window)
+        save_panel(os.path.join(out_dir, "panels", f"{patient_id}_z{images['z']:03d}_{w.name}.png"),
+                   images["ldct"], images["model"], images["nd"], w)
+
+  return publish_report(workdir, report, conventions=conventions(windows, texture), split=split,
+                        dataset=dataset, method=method, step=step,
+                        extra_reports=extra_reports, save_panels=panels)
+
+
+def publish_report(workdir: str, report: dict, *, conventions: dict, split: str, dataset,
+                   method, step: int, extra_reports: Optional[dict],
+                   save_panels: Callable[[str, dict], None]) -> dict:
+  """Any task's evaluation report, completed with what was scored, written to
+  ``<workdir>/eval/`` by process 0 (``metrics.json`` and ``save_panels(eval dir,
+  report['images'])``); returns it (the same on every process)."""
+  report = {"conventions": conventions, "split": split, "data_root": str(dataset.root),
+            "model": method.description, "checkpoint_step": int(step), **report,
+            **(extra_reports or {})}
   out_dir = os.path.join(workdir, "eval")
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     write_report(report, os.path.join(out_dir, "metrics.json"))
-    for patient_id, images in report["images"].items():
-      z = images["z"]
-      for window in windows[:2]:
-        w = get_window(window)
-        save_panel(os.path.join(out_dir, "panels", f"{patient_id}_z{z:03d}_{w.name}.png"),
-                   images["ldct"], images["model"], images["nd"], w)
+    save_panels(out_dir, report.get("images", {}))
   return report

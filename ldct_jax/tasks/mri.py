@@ -40,8 +40,8 @@ from ldct_jax import metrics as metrics_lib
 from ldct_jax.data import builtin_mri, fastmri, mri_pipeline
 from ldct_jax.data.datasets import split_subjects
 from ldct_jax.errors import InputError
-from ldct_jax.evaluation import (gather_from_processes, process_local, spread_slices,
-                                 write_report)
+from ldct_jax.evaluation import (gather_from_processes, process_local, publish_report,
+                                 spread_slices)
 from ldct_jax.physics import mri
 from ldct_jax.recon import cs
 from ldct_jax.tasks import Task, check_output_dir
@@ -292,16 +292,13 @@ def run_evaluation(config, workdir: str, method, dataset, state, step: int,
   report = evaluate_files(config, files, predictors,
                           max_slices=config.eval.get("max_slices") or None,
                           batch_size=batch_size, keep_images=True)
-  report = {"conventions": conventions(config, cs_choice), "split": split,
-            "data_root": str(dataset.root), "model": method.description,
-            "checkpoint_step": int(step), **report, **(extra_reports or {})}
-  out_dir = os.path.join(workdir, "eval")
-  if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    write_report(report, os.path.join(out_dir, "metrics.json"))
-    for name, images in report["images"].items():
+  def panels(out_dir: str, images_by_id: dict) -> None:
+    for name, images in images_by_id.items():
       save_panel(os.path.join(out_dir, "panels", f"{name}_z{images['z']:03d}.png"), images)
-  return report
+
+  return publish_report(workdir, report, conventions=conventions(config, cs_choice), split=split,
+                        dataset=dataset, method=method, step=step,
+                        extra_reports=extra_reports, save_panels=panels)
 
 
 def save_panel(path: str, images: dict) -> None:
