@@ -27,10 +27,12 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ldct_jax.tasks import predict_modes  # light: imports no task module
+
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory. Default for training: a fresh runs/<config>-<time>/; "
     "an existing workdir resumes.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "denoise", "reconstruct"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", *predict_modes()],
                           "What to do (denoise: CT runs; reconstruct: MRI runs).")
 _INPUT = flags.DEFINE_string("input", None, "--mode=denoise: DICOM series folder to denoise; "
                              "--mode=reconstruct: a fastMRI .h5 file or a folder of them.")
@@ -66,7 +68,7 @@ def define_config_flag(argv):
   global _CONFIG
   from ldct_jax import workdir as workdir_lib
   mode, workdir = _argv_value(argv, "mode"), _argv_value(argv, "workdir")
-  if mode in ("eval", "denoise", "reconstruct") and workdir and os.path.exists(workdir_lib.config_path(workdir)):
+  if mode in ("eval", *predict_modes()) and workdir and os.path.exists(workdir_lib.config_path(workdir)):
     try:
       saved = workdir_lib.load_saved_config(workdir)
     except workdir_lib.InputError as e:

@@ -69,7 +69,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   prepare_workdir(config, workdir)
   task = get_task(config)
   dataset = task.load_dataset(config)
-  log(f"data: {dataset.root} ({getattr(dataset, 'layout', task.name)} layout), "
+  log(f"data: {dataset.root} ({dataset.layout} layout), "
       f"{task.name}, subjects per split { {k: len(v) for k, v in dataset.splits.items()} }")
   method = build_method(config, dataset)
   finals = run_stages(method.stages, workdir, seed=config.seed,

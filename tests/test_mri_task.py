@@ -170,6 +170,16 @@ def test_reconstruct_command_writes_new_files_and_uses_a_files_own_mask(trained)
   with pytest.raises(InputError, match="not empty"):
     run.main(None, mode="reconstruct", workdir=workdir, input_dir=str(inputs),
              output_dir=str(out))
+  with pytest.raises(InputError, match="inside the input folder"):
+    run.main(None, mode="reconstruct", workdir=workdir, input_dir=str(inputs),
+             output_dir=str(inputs / "out"))
+  # one file in: any new folder, even beside it; the input stays untouched
+  single = run.main(None, mode="reconstruct", workdir=workdir,
+                    input_dir=str(inputs / "undersampled.h5"), output_dir=str(inputs / "one"))
+  assert [pathlib.Path(p).name for p in single] == ["undersampled.h5"]
+  with h5py.File(single[0], "r") as h:
+    np.testing.assert_array_equal(h["reconstruction"][()], recon)
+  assert (inputs / "undersampled.h5").read_bytes() == before
   with pytest.raises(InputError, match="--mode=reconstruct"):
     run.main(None, mode="denoise", workdir=workdir, input_dir=str(inputs),
              output_dir=str(tmp / "other"))
@@ -180,3 +190,7 @@ def test_ct_runs_refuse_reconstruct(tmp_path):
   from ml_collections import ConfigDict
   assert get_task(ConfigDict({})).predict_mode == "denoise"  # configs saved before tasks
   assert get_task(ConfigDict({"task": "mri_reconstruction"})).predict_mode == "reconstruct"
+  # the CLI's --mode enum lists exactly the tasks' predict commands
+  from ldct_jax.tasks import TASKS, predict_modes
+  assert sorted(predict_modes()) == sorted(
+      get_task(ConfigDict({"task": name})).predict_mode for name in TASKS)

@@ -61,8 +61,7 @@ def readout_crop(kspace: np.ndarray, height: int) -> np.ndarray:
   if kspace.shape[-2] <= height:
     return kspace
   image = ifft2c(kspace)
-  top = (image.shape[-2] - height) // 2
-  return fft2c(image[..., top:top + height, :])
+  return fft2c(mri.center_crop(image, (height, image.shape[-1])))
 
 
 def fit_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:

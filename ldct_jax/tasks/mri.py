@@ -122,13 +122,7 @@ def zero_filled_channels(inputs):
 
 def _magnitude(channels: np.ndarray, scale: np.ndarray, size) -> np.ndarray:
   image = np.abs(mri_pipeline.from_channels(channels)) / scale[:, None, None]
-  return np.asarray(fastmri_crop(image, size), np.float32)
-
-
-def fastmri_crop(image: np.ndarray, size) -> np.ndarray:
-  h, w = size
-  top, left = (image.shape[-2] - h) // 2, (image.shape[-1] - w) // 2
-  return image[..., top:top + h, left:left + w]
+  return np.asarray(mri.center_crop(image, size), np.float32)
 
 
 def eval_mask(config, f) -> Optional[np.ndarray]:
@@ -352,8 +346,10 @@ def reconstruct_files(config, method, load_state, input_path: str, output_dir: s
   """Writes ``<output_dir>/<input file name>`` with ``reconstruction`` per input file."""
   src = pathlib.Path(input_path).resolve()
   dst = pathlib.Path(output_dir).resolve()
-  prefix = check_output_dir(src if src.is_dir() else src.parent, dst, allow_nonempty_output,
-                            what="input", label="recon")
+  # A folder input: no output inside it (its files would be read as inputs next
+  # time). A file input: any new or empty folder; its own folder only with
+  # --allow_nonempty_output, under a unique prefix (never over the input).
+  prefix = check_output_dir(src, dst, allow_nonempty_output, what="input", label="recon")
   files = input_files(input_path)
   loaded = load_state()
   if loaded is None:
