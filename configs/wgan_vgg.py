@@ -51,7 +51,11 @@ def get_config(variant: str = ""):
   config.wgan.critic_optim.update(dict(lr=1e-4))
   # Periodic checkpoints (the latest 3 and the best are kept: WGAN training
   # oscillates), ranked by validation LPIPS (methods/wgan.py says why not PSNR).
-  config.train.update(dict(num_steps=1500, log_every=50, eval_every=300, checkpoint_every=300,
+  # A 1000-step MSE warm start (stage generator_mse, Adam 1e-3), then 1200
+  # adversarial steps: from random weights the generator (no input shortcut)
+  # had not learnt the identity after 800 adversarial steps (methods/wgan.py).
+  config.wgan.warmup_steps = 1000
+  config.train.update(dict(num_steps=1200, log_every=50, eval_every=300, checkpoint_every=300,
                            best_metric="val/lpips", best_mode="min"))
   config.eval.val_max_slices = 4
   if variant == "paper":
@@ -59,6 +63,7 @@ def get_config(variant: str = ""):
     config.data.update(dict(patch_size=64, batch_size=128))
     config.optim.lr = 1e-5
     config.wgan.critic_optim.update(dict(lr=1e-5))
+    config.wgan.warmup_steps = 0  # the papers train from random weights
     config.train.update(dict(num_steps=100_000, eval_every=2000, checkpoint_every=2000))
     config.eval.val_max_slices = 8
   elif variant:

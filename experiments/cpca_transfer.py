@@ -15,20 +15,24 @@ scratch-k against TF-k.
   python experiments/cpca_transfer.py --rows=cpca1,cpca3,cpca_tf3 --summarise_only
   python experiments/cpca_transfer.py --variant=paper    # GPU -> runs/cpca_transfer_paper
 
-Equal budget: every row trains ``--steps`` generator updates (default: the
-configs' 1500), with the same patch size and generator batch (the WGAN
-configs'; RED-CNN is configs/redcnn.py otherwise). A WGAN step also makes 4
-critic updates; that is the method, not extra budget for the generator.
+Equal budget: every WGAN row trains ``wgan.warmup_steps`` MSE warm-up
+updates (the configs' 1000 on the CPU, ``--set=wgan.warmup_steps=N``;
+methods/wgan.py says why) and then ``--steps`` adversarial generator updates
+(default: the configs' 1200); RED-CNN trains the sum with MSE. All rows use
+the same patch size and generator batch (the WGAN configs'; RED-CNN is
+configs/redcnn.py otherwise). A WGAN step also makes 4 critic updates; that
+is the method, not extra budget for the generator.
 TF-k fine-tunes the finished CPCA-1 for the same ``--steps`` 3D updates
 that CPCA-k trains from random weights (the seed's comparison: equal 3D
 training; counting its 2D stage, TF-k has seen twice the steps, which the
 table says). CPCA-1 is trained once: each TF-k run is the two-stage run of
-``configs/cpca3d.py:k<k>_tf``, and its ``generator_2d`` stage, which is
-configs/cpca.py's run exactly (``methods.wgan.stage_fingerprint``), is copied
-from the CPCA-1 workdir instead of being retrained.
+``configs/cpca3d.py:k<k>_tf``, and its 2D stages (MSE warm-up and
+``generator_2d``), which are configs/cpca.py's run exactly
+(``methods.wgan.stage_fingerprint``), are copied from the CPCA-1 workdir
+instead of being retrained. CPCA-k from scratch warms its 3D generator up.
 
 Cost: each row is one config's run (about 25 minutes on 2 idle CPU cores at
-the default 1500 steps, by the configs' sizing; TF rows skip their 2D stage),
+the default steps, by the configs' sizing; TF rows skip their 2D stages),
 so the default experiment is about 4 hours of CPU.
 
 Every row is an ordinary run (``ldct_jax.run.train_and_evaluate``) in its
@@ -114,6 +118,9 @@ def row_config(row: str, steps: int = 0, cache_dir: str = "", variant: str = "",
                              checkpoint_every=max(1, steps // 5)))
   if int(config.get("wgan", {}).get("pretrain_2d_steps", 0)):
     config.wgan.pretrain_2d_steps = config.train.num_steps
+  if row == "redcnn":  # as many updates as a WGAN generator's warm-up + adversarial ones
+    reference = apply_overrides(reference, overrides or {})
+    config.train.num_steps += int(reference.wgan.get("warmup_steps", 0))
   if cache_dir:
     config.data.cache_dir = cache_dir
   # The classical baseline does not depend on the row: RED-CNN's run scores it.
@@ -127,15 +134,21 @@ def share_2d_stage(config, workdir: str, cpca1_config, cpca1_workdir: str) -> bo
   Returns whether it copied. Refuses nothing: a different 2D stage is simply
   trained in the TF run itself.
   """
-  source = os.path.join(cpca1_workdir, "checkpoints", wgan.DENOISER_STAGE)
-  target = os.path.join(workdir, "checkpoints", wgan.PRETRAIN_STAGE)
-  if os.path.exists(target) or not os.path.exists(os.path.join(source, "COMPLETED")):
+  # CPCA-1's stages -> the TF run's: its MSE warm-up (if any) and its adversarial stage.
+  pairs = [(wgan.DENOISER_STAGE, wgan.PRETRAIN_STAGE)]
+  if int(config.wgan.get("warmup_steps", 0)):
+    pairs.insert(0, (wgan.WARMUP_STAGE, wgan.WARMUP_STAGE))
+  checkpoints = lambda root, stage: os.path.join(root, "checkpoints", stage)
+  if any(os.path.exists(checkpoints(workdir, target)) for _, target in pairs) or not all(
+      os.path.exists(os.path.join(checkpoints(cpca1_workdir, source), "COMPLETED"))
+      for source, _ in pairs):
     return False
   if wgan.stage_fingerprint(wgan.pretrain_config(config)) != wgan.stage_fingerprint(cpca1_config):
     print("CPCA-1's run differs from this TF run's 2D stage: training it here", flush=True)
     return False
-  shutil.copytree(source, target)
-  print(f"2D stage: reusing the identical finished CPCA-1 run {source}", flush=True)
+  for source, target in pairs:
+    shutil.copytree(checkpoints(cpca1_workdir, source), checkpoints(workdir, target))
+  print(f"2D stage: reusing the identical finished CPCA-1 run {cpca1_workdir}", flush=True)
   return True
 
 
@@ -314,7 +327,9 @@ def _steps(config: dict) -> str:
   """The training budget of a row's config (a dict), as the table states it."""
   steps = int(config["train"]["num_steps"])
   pretrain = int(config.get("wgan", {}).get("pretrain_2d_steps", 0))
-  return f"{pretrain} 2D + {steps} 3D" if pretrain else str(steps)
+  warmup = int(config.get("wgan", {}).get("warmup_steps", 0))
+  text = f"{pretrain} 2D + {steps} 3D" if pretrain else str(steps)
+  return f"{warmup} MSE + {text}" if warmup else text
 
 
 def main(argv=None) -> dict:

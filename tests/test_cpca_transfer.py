@@ -21,7 +21,6 @@ from ldct_jax.data import pipeline as pl
 from ldct_jax.evaluation import denoise_volume
 from ldct_jax.methods import build_method, wgan
 from ldct_jax.models.cpce import CPCE3D
-from ldct_jax.train.loop import restore_stage_state
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "experiments"))
@@ -82,12 +81,14 @@ def test_denoise_pads_a_short_series_for_a_3d_model_and_says_so(depth, slab, cap
 
 
 STEPS = 2
+WARMUP = 2  # MSE warm-up steps of every WGAN row (stage generator_mse)
 # Every row tiny: 32^2 patches, 2 per update, 4-channel 2-layer generators, a
 # 2-8 channel critic, 2 critic updates, the shipped VGG at conv1_2.
 TINY = {"data.patch_size": 32, "data.batch_size": 2, "model.features": 4,
         "model.num_layers": 2, "model.kernel_size": 3,
         "wgan.critic.features": (2, 2, 4, 4, 8, 8), "wgan.critic.dense": 8, "wgan.n_critic": 2,
-        "wgan.perceptual.layer": "conv1_2", "eval.val_max_slices": 2, "eval.classical": "nlm",
+        "wgan.perceptual.layer": "conv1_2", "wgan.warmup_steps": WARMUP,
+        "eval.val_max_slices": 2, "eval.classical": "nlm",
         "train.log_every": 1, "train.tensorboard": False,
         **{f"data.builtin.{k}": v for k, v in TINY_BUILTIN.items()}}
 
@@ -142,6 +143,12 @@ def test_experiment_table_has_every_row_at_its_best_and_last_checkpoint(experime
       best = json.load(open(workdir / row / "checkpoints" / "denoiser" / "best.json"))
       assert best["metric"] == "val/lpips" and best["mode"] == "min"
       assert results[row]["best"]["checkpoint_step"] == best["step"]
+  # Equal generator updates: RED-CNN trains the WGAN rows' warm-up + adversarial steps.
+  assert json.load(open(workdir / "redcnn" / "config.json"))["train"]["num_steps"] == \
+      STEPS + WARMUP
+  assert f"| {cpca_transfer.label('redcnn')} | best (" in text
+  assert f"| {WARMUP} MSE + {STEPS} |" in text and f"| {WARMUP} MSE + {STEPS} 2D + {STEPS} 3D |" \
+      in text
   assert "| LDCT input |" in text and "| nlm |" in text
   assert (workdir / "validation_curves.png").stat().st_size > 0
   saved = json.load(open(workdir / "cpca_transfer.json"))
@@ -160,10 +167,13 @@ def test_tf_run_starts_from_the_cpca1_run_exactly(builtin_cache, experiment):
   workdir, _ = experiment
   config = _tiny_config(builtin_cache, "cpca_tf3")
   method = build_method(config, None)
-  state_2d, step = restore_stage_state(str(workdir / "cpca_tf3"), method.stages[0],
-                                       which="latest")
-  cpca1 = build_method(_tiny_config(builtin_cache, "cpca1"), None)
-  state_cpca1, _ = restore_stage_state(str(workdir / "cpca1"), cpca1.stages[0], which="latest")
+  states, _ = run.restore_all_stages(config, str(workdir / "cpca_tf3"), method, "latest")
+  state_2d = states[wgan.PRETRAIN_STAGE]
+  step = int(state_2d.generator.step)
+  cpca1_config = _tiny_config(builtin_cache, "cpca1")
+  cpca1 = build_method(cpca1_config, None)
+  state_cpca1 = run.restore_all_stages(cpca1_config, str(workdir / "cpca1"), cpca1,
+                                       "latest")[0][wgan.DENOISER_STAGE]
   assert step == STEPS
   for a, b in zip(jax.tree.leaves(state_2d.generator), jax.tree.leaves(state_cpca1.generator)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -180,15 +190,20 @@ def test_two_stage_run_trains_2d_inflates_and_denoises_short_series(builtin_cach
   workdir = str(tmp_path / "two_stage")
   run.train_and_evaluate(config, workdir)
   method = build_method(config, None)
-  state_2d, _ = restore_stage_state(workdir, method.stages[0], which="latest")
-  cpca1 = build_method(_tiny_config(builtin_cache, "cpca1"), None)
-  state_cpca1, _ = restore_stage_state(str(experiment[0] / "cpca1"), cpca1.stages[0],
-                                       which="latest")
+  state_2d = run.restore_all_stages(config, workdir, method, "latest")[0][wgan.PRETRAIN_STAGE]
+  cpca1_config = _tiny_config(builtin_cache, "cpca1")
+  cpca1 = build_method(cpca1_config, None)
+  state_cpca1 = run.restore_all_stages(cpca1_config, str(experiment[0] / "cpca1"), cpca1,
+                                       "latest")[0][wgan.DENOISER_STAGE]
   for a, b in zip(jax.tree.leaves(state_2d), jax.tree.leaves(state_cpca1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
   _handover_is_exact(config, state_2d)
   log = [json.loads(line) for line in open(os.path.join(workdir, "logs", "metrics.jsonl"))]
-  assert {l.get("stage") for l in log} == {wgan.PRETRAIN_STAGE, wgan.DENOISER_STAGE}
+  assert {l.get("stage") for l in log} == {wgan.WARMUP_STAGE, wgan.PRETRAIN_STAGE,
+                                          wgan.DENOISER_STAGE}
+  # The warm-up is a starting point: validated once, at its end.
+  assert [l["stage_step"] for l in log if l["stage"] == wgan.WARMUP_STAGE
+          and "val/psnr" in l] == [WARMUP]
   assert any("critic/gp" in l and l["stage"] == wgan.DENOISER_STAGE for l in log)
   # --mode=denoise on a series shorter than the slab.
   rng = np.random.default_rng(0)

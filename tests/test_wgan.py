@@ -223,6 +223,12 @@ def test_configs_build_and_trace(path, variant):
   signature = state_signature(config)
   assert config.train.best_metric == "val/lpips" and config.train.best_mode == "min"
   names = [stage.name for stage in method.stages]
+  # CPU defaults warm the (first) generator up on MSE; the papers' sizes do not.
+  if "paper" in variant:
+    assert config.wgan.warmup_steps == 0
+  else:
+    assert config.wgan.warmup_steps > 0 and names[0] == wgan.WARMUP_STAGE
+    names = names[1:]
   if variant.endswith("tf") or "_tf_" in variant:
     assert names == [wgan.PRETRAIN_STAGE, wgan.DENOISER_STAGE]
     k = config.data.slab
@@ -247,6 +253,36 @@ def test_transfer_stage_is_the_cpca_run():
   assert wgan.stage_fingerprint(other) != cpca
   with pytest.raises(ValueError, match="single-stage"):
     wgan.stage_fingerprint(cpca3d_config.get_config("k3_tf"))
+
+
+def test_adversarial_stage_starts_from_the_warmed_up_generator():
+  """After the MSE warm-up the adversarial stage starts with exactly the warmed-up
+  generator (weights; fresh optimiser) and a fresh critic, the one a run without
+  warm-up would start with from the same key."""
+  config = cpca_config.get_config()
+  config.model.update(dict(features=4, num_layers=2))
+  config.wgan.critic.update(dict(features=(2, 2, 4, 4, 8, 8), dense=8))
+  config.wgan.update(dict(warmup_steps=3, val_lpips=False))
+  config.wgan.perceptual.layer = "conv1_2"
+  config.data.update(dict(patch_size=16, batch_size=2))
+  warm, adversarial = build_method(config, None).stages
+  assert (warm.name, adversarial.name, warm.num_steps) == (wgan.WARMUP_STAGE,
+                                                           wgan.DENOISER_STAGE, 3)
+  assert warm.eval_every == 3 and adversarial.eval_every is None
+  rng = np.random.default_rng(0)
+  batch = {k: rng.uniform(0.2, 0.4, (2, 16, 16, 1)).astype(np.float32) for k in ("ld", "nd")}
+  state = warm.init_state(jax.random.PRNGKey(0), {})
+  before = state.params
+  for i in range(3):
+    state, metrics = jax.jit(warm.train_step)(state, batch, jax.random.PRNGKey(i))
+  assert set(metrics) >= {"loss", "mse"} and "critic/loss" not in metrics
+  assert not _same(before, state.params)  # it trained
+  key = jax.random.PRNGKey(7)
+  start = adversarial.init_state(key, {wgan.WARMUP_STAGE: state})
+  assert _same(start.generator.params, state.params) and int(start.generator.step) == 0
+  config.wgan.warmup_steps = 0
+  (cold,) = build_method(config, None).stages
+  assert _same(start.critic.params, cold.init_state(key, {}).critic.params)
 
 
 def test_bad_configs_fail_clearly():

@@ -80,6 +80,8 @@ class Stage:
       JSON-serialisable ``get_state()``/``set_state()`` for exact resume.
     evaluate: optional host-side ``(state) -> {name: float}`` validation.
     best_metric / best_mode: which validation scalar ranks checkpoints.
+    eval_every: steps between validations of this stage; None = the loop's
+      ``eval_every`` (a stage that is only a starting point validates once).
   """
 
   name: str
@@ -90,6 +92,7 @@ class Stage:
   evaluate: Optional[Callable[[State], Dict[str, float]]] = None
   best_metric: Optional[str] = None
   best_mode: str = "max"
+  eval_every: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +315,8 @@ def _run_stage(stage: Stage, workdir: str, rng: jax.Array, previous: Previous,
           bar.update_to(step, means)
           sums = None
         val_metrics = {}
-        if stage.evaluate is not None and (step % cfg.eval_every == 0 or last):
+        if stage.evaluate is not None and (step % (stage.eval_every or cfg.eval_every) == 0
+                                           or last):
           val_metrics = stage.evaluate(state)
           writer.write(global_offset + step, val_metrics, stage=stage.name, stage_step=step)
         if step % cfg.checkpoint_every == 0 or last or stopping or val_metrics:
