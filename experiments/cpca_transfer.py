@@ -57,6 +57,7 @@ from configs import cpca3d as cpca3d_config  # noqa: E402
 from configs import redcnn as redcnn_config  # noqa: E402
 from configs import wgan_vgg as wgan_vgg_config  # noqa: E402
 from ldct_jax import run  # noqa: E402
+from ldct_jax.config import set_step_budget  # noqa: E402
 from ldct_jax.methods import wgan  # noqa: E402
 from ldct_jax.windows import get_window  # noqa: E402
 
@@ -113,9 +114,7 @@ def row_config(row: str, steps: int = 0, cache_dir: str = "", variant: str = "",
   config.data.update(dict(patch_size=reference.data.patch_size,
                           batch_size=reference.data.batch_size))
   apply_overrides(config, overrides or {})
-  if steps:
-    config.train.update(dict(num_steps=steps, eval_every=max(1, steps // 5),
-                             checkpoint_every=max(1, steps // 5)))
+  set_step_budget(config, steps, validations=5)
   if int(config.get("wgan", {}).get("pretrain_2d_steps", 0)):
     config.wgan.pretrain_2d_steps = config.train.num_steps
   if row == "redcnn":  # as many updates as a WGAN generator's warm-up + adversarial ones

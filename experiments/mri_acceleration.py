@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import mri_cascade  # noqa: E402
 from ldct_jax import run  # noqa: E402
+from ldct_jax.config import set_step_budget  # noqa: E402
 
 COLUMNS = ("psnr", "ssim", "nmse", "seconds_per_slice")
 
@@ -55,9 +56,7 @@ def main(argv=None):
   for r in (float(a) for a in args.accelerations.split(",")):
     config = mri_cascade.get_config(args.variant)
     config.mri.acceleration = r
-    if args.steps:
-      config.train.update(dict(num_steps=args.steps, eval_every=max(1, args.steps // 2),
-                               checkpoint_every=max(1, args.steps // 2)))
+    set_step_budget(config, args.steps, validations=2)
     if args.root:
       config.data.root = args.root
     if args.cache_dir:

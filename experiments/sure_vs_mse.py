@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import ct_sure, dncnn_sure, mri_cascade, mri_cascade_gsure  # noqa: E402
 from ldct_jax import evaluation, run, windows  # noqa: E402
+from ldct_jax.config import set_step_budget  # noqa: E402
 from ldct_jax.data import datasets, gaussian  # noqa: E402
 
 PARTS = ("gaussian", "ct", "mri")
@@ -49,9 +50,7 @@ TINY_MRI = dict(num_phantoms=3, slices_per_subject=3, size=24)
 def shrink(config, tiny: bool, steps: int, cache_dir: str):
   if cache_dir:
     config.data.cache_dir = cache_dir
-  if steps:
-    config.train.update(dict(num_steps=steps, eval_every=max(1, steps // 2),
-                             checkpoint_every=max(1, steps // 2)))
+  set_step_budget(config, steps, validations=2)
   if not tiny:
     return config
   config.train.update(dict(log_every=1, tensorboard=False))

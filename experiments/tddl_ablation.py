@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tddl as tddl_config  # noqa: E402
 from ldct_jax import run  # noqa: E402
+from ldct_jax.config import set_step_budget  # noqa: E402
 from ldct_jax.methods import tddl as tddl_method  # noqa: E402
 from ldct_jax.windows import get_window  # noqa: E402
 
@@ -69,9 +70,7 @@ def arm_config(arm: str, denoiser: str, steps: int, cache_dir: str, variant: str
   config.method = spec["method"]
   if "noise_source" in spec:
     config.tddl.noise_source = spec["noise_source"]
-  if steps:
-    config.train.update(dict(num_steps=steps, eval_every=max(1, steps // 3),
-                             checkpoint_every=max(1, steps // 3)))
+  set_step_budget(config, steps, validations=3)
   if cache_dir:
     config.data.cache_dir = cache_dir
   # Only arm (a) scores the classical baseline: it does not depend on the arm.

@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tddl as tddl_config  # noqa: E402
 from ldct_jax import run  # noqa: E402
+from ldct_jax.config import set_step_budget  # noqa: E402
 from ldct_jax.data import builtin  # noqa: E402
 from ldct_jax.data.datasets import load_dataset  # noqa: E402
 
@@ -70,9 +71,7 @@ ARMS = ("single", "adapted", "true_pairs")
 
 def base_config(steps: int, cache_dir: str):
   config = tddl_config.get_config()
-  if steps:
-    config.train.update(dict(num_steps=steps, eval_every=max(1, steps // 2),
-                             checkpoint_every=max(1, steps // 2)))
+  set_step_budget(config, steps, validations=2)
   if cache_dir:
     config.data.cache_dir = cache_dir
   config.eval.classical = "none"  # one classical row per condition, scored separately

@@ -89,3 +89,14 @@ def base_config() -> ml_collections.ConfigDict:
       texture=("lpips", "nps", "glcm", "hf_ratio"),
       after_training=True))
   return config
+
+
+def set_step_budget(config: ml_collections.ConfigDict, steps: int,
+                    validations: int) -> ml_collections.ConfigDict:
+  """An experiment's step budget: ``steps`` training steps with ``validations``
+  evenly spaced validations and checkpoints (the last at the end). 0 keeps the
+  config's own schedule. Returns ``config`` (changed in place)."""
+  if steps:
+    every = max(1, steps // validations)
+    config.train.update(dict(num_steps=steps, eval_every=every, checkpoint_every=every))
+  return config

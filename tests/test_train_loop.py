@@ -213,3 +213,14 @@ def test_sigterm_checkpoints_and_stops_in_a_stage_or_between_stages(tmp_path):
     resumed = run_stages(stages(), str(tmp_path / name), seed=0, loop_cfg=CFG)
     np.testing.assert_array_equal(np.asarray(resumed["second"]["w"]),
                                   np.asarray(clean["second"]["w"]))
+
+
+def test_step_budget_spaces_validations_evenly_and_zero_keeps_the_config():
+  from ldct_jax.config import base_config, set_step_budget
+  config = set_step_budget(base_config(), 300, validations=5)
+  assert (config.train.num_steps, config.train.eval_every, config.train.checkpoint_every) == \
+      (300, 60, 60)
+  assert set_step_budget(base_config(), 3, validations=5).train.eval_every == 1
+  default = base_config()
+  kept = set_step_budget(base_config(), 0, validations=5)
+  assert kept.train.to_dict() == default.train.to_dict()
