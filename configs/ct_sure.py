@@ -18,7 +18,9 @@ noise's covariance. ``:white`` runs plain white-noise SURE with the same
 mean noise variance, which ignores the correlation (docs/sure.md). Network
 and schedule: ``configs/dncnn.py``'s CPU DnCNN, 1000 steps, sized to 15-20
 minutes on 2 CPU cores; ``:paper`` the 17 x 64 DnCNN for a GPU. Measured
-results: README, "SURE".
+results (2026-12-01, experiments/sure_vs_mse.py at 300 steps, not the
+default 1000; README "SURE"): 34.99 dB abdomen PSNR against 35.17 with MSE on
+true pairs (LDCT 33.56); ``:white`` 27.45 dB.
 """
 import ml_collections
 

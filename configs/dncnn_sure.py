@@ -24,8 +24,10 @@ norm, identity-initialised noise head); ε of the finite difference
 passes). Variants (combine with '_'): ``s15``, ``s50`` (σ), ``mse`` (the same
 network and data trained with MSE on the clean images: the baseline),
 ``exact`` (the divergence by a vector-Jacobian product, no finite difference),
-``paper`` (17 x 64 DnCNN, 50k steps, batch 128: a GPU). Measured results:
-README, "SURE".
+``paper`` (17 x 64 DnCNN, 50k steps, batch 128: a GPU). Measured
+(2026-12-01, experiments/sure_vs_mse.py at 300 steps, not the default 1000;
+README "SURE"): SURE 33.35 / 30.19 / 25.13 dB against MSE 34.77 / 32.20 /
+27.80 dB at σ = 15 / 25 / 50.
 """
 import ml_collections
 

@@ -19,7 +19,8 @@ sampled references, as the supervised run's does. 400 steps, sized to 15-20
 minutes on 2 CPU cores (a GSURE step costs 2.1 supervised ones: 6.3 s
 against 3.0 s on a loaded 2-core machine); ``:paper`` is the GPU size of
 ``configs/mri_cascade.py:paper``.
-Measured results: README, "SURE".
+Measured (2026-12-01, experiments/sure_vs_mse.py at 300 steps, R = 4;
+README "SURE"): 22.04 dB against 23.21 supervised (zero-filled 19.45).
 """
 import ml_collections
 
