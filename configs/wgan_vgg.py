@@ -12,12 +12,15 @@ adversarial step):
   python -m ldct_jax.main --config=configs/wgan_vgg.py --workdir=runs/wgan_vgg
 Then the last checkpoint next to the best (ranked by validation LPIPS):
   python -m ldct_jax.main --workdir=runs/wgan_vgg --mode=eval --checkpoint=latest
-Sized from measured step rates to about 25 minutes on 2 idle cores (warm-up
-about 4 steps/s, adversarial 1.24 steps/s, each validation about 25 s, the
-test evaluation with LPIPS about 2 s a slice); the full default has not been
-run end to end. Each checkpoint is 81 MB (59 MB of it the frozen VGG16 up to
-conv5_3, see methods/wgan.py).
-Measured (2026-12-01, experiments/cpca_transfer.py at 400 warm-up + 200
+Measured 2026-12-01, this command (another --workdir), on 2 idle cores: 23:20 wall clock
+(warm-up 6.5 steps/s, adversarial 1.13 steps/s, the test evaluation with
+texture columns included). Best checkpoint by validation LPIPS: the last
+(step 1200). Test split, 64 slices: abdomen PSNR 32.92 dB, SSIM 0.9435, LPIPS
+0.0394, NPS error 0.78, HF power ratio 1.00 (LDCT 33.56 / 0.9353 / 0.0421 /
+1.85 / 2.34; BM3D 35.31 / 0.9481 / 0.0499 / 0.83 / 1.40): NDCT-like texture
+at 0.6 dB below the LDCT's PSNR. Each checkpoint is 81 MB (59 MB of it the
+frozen VGG16 up to conv5_3, see methods/wgan.py).
+At the experiment's short budget (experiments/cpca_transfer.py, 400 warm-up + 200
 adversarial steps, test split, 8 slices per patient; README "Texture"):
 33.86 dB abdomen PSNR, LPIPS 0.0585, HF power ratio 0.69 (LDCT 33.56 / 0.042
 / 2.34). At generator lr 1e-4 instead: 31.68 dB, LPIPS 0.047, HF ratio 1.02,
