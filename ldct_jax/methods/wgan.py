@@ -462,6 +462,15 @@ def _critic_model(cfg) -> Critic:
                 conv_lowering=str(c.get("conv_lowering", "auto")))
 
 
+def _patch_stream(config, dataset, batch_size: int):
+  """The training split's paired LDCT/NDCT patches (slabs for a 3D generator)."""
+  return make_patch_dataset(
+      dataset.split("train"), keys=("ld", "nd"), patch_size=int(config.data.patch_size),
+      slab=int(config.data.get("slab", 1)), batch_size=batch_size, seed=config.seed,
+      normalization=Normalization.from_config(config.data.normalization),
+      augment=config.data.augment, skip_air_fraction=config.data.skip_air_fraction)
+
+
 def _stage(config, dataset, name: str, *, previous_stage: Optional[str] = None, lpips=None):
   """One WGAN stage (generator ``config.model`` on ``data.slab`` slabs) and its inference.
 
@@ -490,33 +499,29 @@ def _stage(config, dataset, name: str, *, previous_stage: Optional[str] = None, 
 
   def init_state(rng, previous):
     gen_rng, critic_rng = jax.random.split(rng)
-    if previous_stage is None:
-      generator = supervised.create_train_state(
-          generator_model, gen_tx, gen_rng, supervised.input_shape(config.data, patch))
-      return WGANState(generator=generator, critic=fresh_critic(critic_rng),
-                       features=_host_constant(feature_arrays))
-    earlier = previous[previous_stage]
+    if previous_stage == PRETRAIN_STAGE:  # CPCE-2D inflated to 3D, its critic carried over
+      earlier = previous[previous_stage]
+      params = inflate_2d_to_3d(earlier.generator.params, depth=generator_model.kernel_depth,
+                                slices=slab)
+      generator = supervised.TrainState.create(apply_fn=generator_model.apply, params=params,
+                                               tx=gen_tx)
+      critic = train_state.TrainState.create(apply_fn=critic_model.apply,
+                                             params=earlier.critic.params, tx=critic_tx)
+      return WGANState(generator=generator, critic=critic, features=earlier.features)
     if previous_stage == WARMUP_STAGE:  # the same generator, trained on the pixel loss
+      earlier = previous[previous_stage]
       generator = supervised.TrainState.create(
           apply_fn=generator_model.apply, params=earlier.params, tx=gen_tx,
           batch_stats=earlier.batch_stats)
-      return WGANState(generator=generator, critic=fresh_critic(critic_rng),
-                       features=_host_constant(feature_arrays))
-    params = inflate_2d_to_3d(earlier.generator.params, depth=generator_model.kernel_depth,
-                              slices=slab)
-    generator = supervised.TrainState.create(apply_fn=generator_model.apply, params=params,
-                                             tx=gen_tx)
-    critic = train_state.TrainState.create(apply_fn=critic_model.apply,
-                                           params=earlier.critic.params, tx=critic_tx)
-    return WGANState(generator=generator, critic=critic, features=earlier.features)
+    else:
+      generator = supervised.create_train_state(
+          generator_model, gen_tx, gen_rng, supervised.input_shape(config.data, patch))
+    return WGANState(generator=generator, critic=fresh_critic(critic_rng),
+                     features=_host_constant(feature_arrays))
 
   def make_data(previous):
     del previous
-    return make_patch_dataset(
-        dataset.split("train"), keys=("ld", "nd"), patch_size=patch, slab=slab,
-        batch_size=int(config.data.batch_size) * (n_critic + 1), seed=config.seed,
-        normalization=normalization, augment=config.data.augment,
-        skip_air_fraction=config.data.skip_air_fraction)
+    return _patch_stream(config, dataset, int(config.data.batch_size) * (n_critic + 1))
 
   denoise, generator_variables = supervised.make_inference(generator_model)
   inference_variables = lambda state: generator_variables(state.generator)
@@ -559,10 +564,7 @@ def _warmup_stage(config, dataset, lpips) -> Stage:
 
   def make_data(previous):
     del previous
-    return make_patch_dataset(
-        dataset.split("train"), keys=("ld", "nd"), patch_size=patch, slab=slab,
-        batch_size=int(config.data.batch_size), seed=config.seed, normalization=normalization,
-        augment=config.data.augment, skip_air_fraction=config.data.skip_air_fraction)
+    return _patch_stream(config, dataset, int(config.data.batch_size))
 
   evaluate = None
   if dataset is not None and dataset.splits.get("val"):
